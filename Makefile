@@ -1,0 +1,33 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Both create .venv and install first.
+#   TORCH_SPEC   the torch requirement installed before everything else. The CPU default avoids pip
+#                pulling a multi-GB CUDA build; GPU users pass e.g. TORCH_SPEC="torch==2.13.0"
+#                together with PIP_EXTRA_INDEX_URL pointing at their CUDA wheel index.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-unit clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	WANDB_SILENT=true $(BIN)/pbkd pipeline +exp=demo
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,306 @@
+"""The structured schema every composed config is checked against.
+
+Each dataclass mirrors the code that consumes it: `ModelConfig` is what `models.load_*` takes,
+`TrainerConfig` what `engine.build_engine` and the training loops take, and each stage section
+(`sft`, `eval`, ...) is what that stage's `run` reads. Defaults for real runs live in `conf/`;
+the values here are only the fallbacks the YAML files refine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+@dataclass
+class TinyLlamaConfig:
+    """Architecture of a Llama built from scratch (no hub): the CPU demo's models."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 256
+
+
+@dataclass
+class ApiConfig:
+    """An OpenAI-compatible chat-completions endpoint; the key comes from the `api_key_env` variable."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "judge"
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    concurrency: int = 4
+
+
+@dataclass
+class ModelConfig:
+    """One model: loaded from `name_or_path` (hub id or local dir), else built from `tiny`."""
+
+    name_or_path: Optional[str] = None
+    tiny: Optional[TinyLlamaConfig] = None
+    revision: Optional[str] = None
+    gguf_file: Optional[str] = None
+    dtype: Dtype = Dtype.float32
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = "sdpa"
+    # A black-box teacher served behind an OpenAI-compatible API instead of loaded weights
+    # (teacher only: the student and the reward model are always local).
+    api: Optional[ApiConfig] = None
+
+
+@dataclass
+class ModelsConfig:
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    # Backbone of the scalar reward model (value head added by `models.load_reward_model`).
+    rm: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
+class TokenizerConfig:
+    """The BPE tokenizer built locally for models that have no `name_or_path`."""
+
+    vocab_size: int = 512
+    corpus_size: int = 2000
+
+
+class TaskName(str, Enum):
+    arithmetic = "arithmetic"
+    gsm8k = "gsm8k"
+
+
+@dataclass
+class ArithmeticConfig:
+    min_steps: int = 2
+    max_steps: int = 3
+    max_operand: int = 20
+    operations: List[str] = field(default_factory=lambda: ["+", "-"])
+    max_multiplier: int = 5
+    allow_negative: bool = False
+    seed: int = 0
+    train_size: int = 4000
+    test_size: int = 200
+
+
+@dataclass
+class DataConfig:
+    task: TaskName = TaskName.arithmetic
+    # gsm8k: a local JSONL per split (hub format: question/answer) overrides the hub data set.
+    train_path: Optional[str] = None
+    test_path: Optional[str] = None
+    hub_id: str = "openai/gsm8k"
+    hub_config: str = "main"
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    prompt_template: str = "Question: {question}\nAnswer:"
+    # Wrap the prompt in the tokenizer's chat template (instruct models).
+    use_chat_template: bool = False
+    max_prompt_tokens: int = 128
+    max_response_tokens: int = 64
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings shared by every stage that generates."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64
+
+
+class LrSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation loop of the stage being run."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    lr_schedule: LrSchedule = LrSchedule.cosine
+    warmup_ratio: float = 0.05
+    max_steps: int = 500
+    micro_batch_size: int = 32
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+
+
+class WandbMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class LoggerConfig:
+    mode: WandbMode = WandbMode.offline
+    project: str = "pbkd"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    progress_bars: bool = True
+
+
+class ModelRole(str, Enum):
+    teacher = "teacher"
+    student = "student"
+
+
+class ResponseSource(str, Enum):
+    gold = "gold"
+    teacher = "teacher"
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning of `model.<model>`, loss on response tokens only.
+
+    `source=gold` trains on the data set's solutions (the demo's teacher is made this way:
+    `sft.model=teacher`); `source=teacher` samples the responses from `model.teacher` first and
+    trains the student on them: vanilla black-box KD.
+    """
+
+    model: ModelRole = ModelRole.student
+    source: ResponseSource = ResponseSource.gold
+    teacher_samples_per_prompt: int = 1
+    teacher_temperature: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    model: ModelRole = ModelRole.student
+    split: str = "test"
+    limit: Optional[int] = None
+    # n > 1 adds sampled accuracy (mean over samples) and majority vote over the n samples.
+    num_samples: int = 1
+    temperature: float = 0.7
+
+
+class Labeler(str, Enum):
+    teacher_preferred = "teacher_preferred"
+    correctness = "correctness"
+    llm_judge = "llm_judge"
+
+
+class PrefsFormat(str, Enum):
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+@dataclass
+class CollectPrefsConfig:
+    """Sample k responses per prompt from teacher and student, rank them into pairs."""
+
+    labeler: Labeler = Labeler.teacher_preferred
+    samples_per_model: int = 2
+    temperature: float = 1.0
+    max_pairs_per_prompt: int = 2
+    # The prompts are the train split's [prompt_offset, prompt_offset + num_prompts).
+    prompt_offset: int = 0
+    num_prompts: Optional[int] = None
+    # Prompts per committed chunk: a killed run redoes at most one chunk.
+    chunk_prompts: int = 64
+    format: PrefsFormat = PrefsFormat.jsonl
+    iteration: int = 0
+    judge: ApiConfig = field(default_factory=ApiConfig)
+
+
+@dataclass
+class TrainRMConfig:
+    """Bradley-Terry MLE of the reward model `model.rm` on a preference file."""
+
+    prefs_path: Optional[str] = None
+    # Pairs held out (seeded) to report pairwise accuracy; the paper's bar is > 90% before min-max.
+    heldout_fraction: float = 0.1
+
+
+class Baseline(str, Enum):
+    group_mean = "group_mean"  # mean reward of the k samples of the same prompt (GRPO-style)
+    leave_one_out = "leave_one_out"  # mean of the other k - 1 samples (RLOO)
+
+
+@dataclass
+class MinMaxConfig:
+    """The offline PbKD game: RM ascent on the Lagrangian, student clipped policy gradient."""
+
+    prefs_path: Optional[str] = None
+    iterations: int = 100
+    prompts_per_iteration: int = 16
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    prompt_offset: int = 0
+    num_prompts: Optional[int] = None
+    teacher_samples_per_prompt: int = 2
+    # RM step: ascend mean r(teacher) - mean r(student) - beta * L_BT - reward_l2 * mean r^2.
+    beta: float = 1.0
+    reward_l2: float = 0.01
+    rm_lr: float = 1.0e-4
+    rm_steps: int = 1
+    rm_pref_batch: int = 32
+    # Student step: clipped policy gradient on group-baseline advantages, KL to the initial policy.
+    clip_eps: float = 0.2
+    ppo_epochs: int = 2
+    baseline: Baseline = Baseline.group_mean
+    normalize_advantages: bool = True
+    kl_coef: float = 0.01
+
+
+@dataclass
+class OnlineConfig:
+    """T rounds of collect (current student) -> merge into D_pref -> refit RM -> min-max."""
+
+    iterations: int = 3
+    prompts_per_iteration: int = 256
+    # D_pref^0, e.g. the offline pairs; none starts online PbKD from an empty preference set.
+    initial_prefs_path: Optional[str] = None
+
+
+@dataclass
+class PipelineConfig:
+    """Which steps `pbkd pipeline` runs; each step is a stage run in its own subdirectory."""
+
+    # Demo only: fit the tiny teacher on gold solutions first. Off for a real (pretrained) teacher.
+    train_teacher: bool = True
+
+
+@dataclass
+class PbkdConfig:
+    stage: str = MISSING
+    seed: int = 0
+    model: ModelsConfig = field(default_factory=ModelsConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Raw DeepSpeed config (conf/deepspeed/*.yaml); batch sizes and clipping come from `trainer`.
+    deepspeed: Dict[str, Any] = field(default_factory=dict)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    collect_prefs: CollectPrefsConfig = field(default_factory=CollectPrefsConfig)
+    train_rm: TrainRMConfig = field(default_factory=TrainRMConfig)
+    minmax: MinMaxConfig = field(default_factory=MinMaxConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    # Per-stage Hydra overrides an experiment applies before the user's own (see conf/exp/demo.yaml).
+    stage_overrides: Dict[str, List[str]] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Tasks (synthetic arithmetic, GSM8K), prompts, labelers and the preference store."""

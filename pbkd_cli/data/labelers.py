@@ -1,0 +1,82 @@
+"""Rank a prompt's candidate responses into (chosen, rejected) pairs.
+
+- `teacher_preferred`: the teacher's response beats the student's (the paper's online setting).
+- `correctness`: a response whose final answer matches the gold answer beats one that does not,
+  whoever wrote it; prompts where all or none are right give no pair.
+- `llm_judge`: an LLM behind an OpenAI-compatible API says which of two responses is better.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from pbkd_cli.data.gsm8k import extract_answer
+from pbkd_cli.generation.openai_api import ChatEndpoint
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    source: str  # "teacher" | "student"
+
+
+@dataclass(frozen=True)
+class RankedPair:
+    chosen: Candidate
+    rejected: Candidate
+
+
+def teacher_preferred(teacher: list[Candidate], student: list[Candidate], max_pairs: int) -> list[RankedPair]:
+    """Pair the i-th student sample with the i-th teacher sample (teacher samples reused cyclically)."""
+    return [RankedPair(teacher[i % len(teacher)], s) for i, s in enumerate(student[:max_pairs])]
+
+
+def correctness(candidates: list[Candidate], answer: str, max_pairs: int) -> list[RankedPair]:
+    """Right answers over wrong ones; identical texts are never paired."""
+    right = [c for c in candidates if extract_answer(c.text) == answer]
+    wrong = [c for c in candidates if extract_answer(c.text) != answer]
+    pairs = []
+    for i in range(max(len(right), len(wrong))):
+        if len(pairs) == max_pairs or not right or not wrong:
+            break
+        chosen, rejected = right[i % len(right)], wrong[i % len(wrong)]
+        if chosen.text != rejected.text:
+            pairs.append(RankedPair(chosen, rejected))
+    return pairs
+
+
+JUDGE_PROMPT = """You compare two answers to the same question. Reply with exactly one letter: A if answer A is \
+better (correct, complete and clear), B if answer B is better.
+
+Question:
+{question}
+
+Answer A:
+{a}
+
+Answer B:
+{b}"""
+
+
+def parse_verdict(reply: str) -> str | None:
+    match = re.search(r"\b([AB])\b", reply.strip().upper())
+    return match.group(1) if match else None
+
+
+def judge_pairs(endpoint: ChatEndpoint, questions: list[str], pairs: list[tuple[Candidate, Candidate]],
+                rng: random.Random) -> list[RankedPair | None]:
+    """Ask the judge about each (x, y); the order shown is shuffled to cancel position bias.
+
+    An unparseable verdict gives None (the pair is dropped) rather than a guess.
+    """
+    shown = [(x, y) if rng.random() < 0.5 else (y, x) for x, y in pairs]
+    chats = [[{"role": "user", "content": JUDGE_PROMPT.format(question=q, a=a.text, b=b.text)}]
+             for q, (a, b) in zip(questions, shown)]
+    replies = endpoint.complete_many(chats, temperature=0.0, max_tokens=4)
+    ranked = []
+    for (a, b), texts in zip(shown, replies):
+        verdict = parse_verdict(texts[0])
+        ranked.append(None if verdict is None else RankedPair(a, b) if verdict == "A" else RankedPair(b, a))
+    return ranked

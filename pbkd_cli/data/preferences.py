@@ -1,0 +1,92 @@
+"""Preference pairs on disk in the `prompt` / `chosen` / `rejected` convention (TRL, the hub).
+
+`PreferenceWriter` appends pairs chunk by chunk to `<name>.partial.jsonl` and survives being killed
+at any moment: each chunk is appended and fsynced, then a small commit record (committed byte size
+and number of prompts done) is replaced atomically. On restart, anything past the committed size
+(a chunk that was being written) is cut off and that chunk is redone, so no pair is lost or
+doubled. Only `finalize` moves the file to its real name, where later stages look for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pbkd_cli.io import PbkdError, atomic_write_json, read_jsonl
+
+
+@dataclass
+class PreferencePair:
+    id: str
+    prompt: str  # the formatted prompt the models saw
+    chosen: str
+    rejected: str
+    question: str = ""
+    answer: str = ""
+    chosen_source: str = ""  # "teacher" | "student"
+    rejected_source: str = ""
+    labeler: str = ""
+    iteration: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+REQUIRED = ("prompt", "chosen", "rejected")
+
+
+def load_preferences(path: str | Path, what: str = "prefs.path") -> list[PreferencePair]:
+    """Read a JSONL preference file; a line without prompt/chosen/rejected names its line number."""
+    rows = read_jsonl(path, what)
+    pairs = []
+    known = set(PreferencePair.__dataclass_fields__) - {"extra"}
+    for number, row in enumerate(rows, start=1):
+        missing = [k for k in REQUIRED if not isinstance(row.get(k), str)]
+        if missing:
+            raise PbkdError(f"{what}={path} pair {number}: missing or non-string '{missing[0]}'")
+        row.setdefault("id", f"pair-{number}")
+        # Columns other tools add (scores, metadata) are kept, not dropped.
+        extra = {**row.get("extra", {}), **{k: v for k, v in row.items() if k not in known | {"extra"}}}
+        pairs.append(PreferencePair(**{k: v for k, v in row.items() if k in known}, extra=extra))
+    if not pairs:
+        raise PbkdError(f"{what}={path}: no preference pairs")
+    return pairs
+
+
+class PreferenceWriter:
+    """Crash-safe, resumable appends of pairs, committed one chunk of prompts at a time."""
+
+    def __init__(self, path: str | Path):
+        self.final_path = Path(path)
+        self.path = self.final_path.with_name(self.final_path.stem + ".partial.jsonl")
+        self.commit_path = self.final_path.with_name(self.final_path.stem + ".commit.json")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        committed = {"bytes": 0, "prompts_done": 0, "pairs": 0, "stats": {}}
+        if self.commit_path.exists():
+            committed = json.loads(self.commit_path.read_text())
+        self.prompts_done = committed["prompts_done"]
+        self.pairs = committed["pairs"]
+        self.stats: dict[str, float] = committed["stats"]  # running sums committed with the pairs
+        self._bytes = committed["bytes"]
+        # Cut off a chunk that was being appended when the previous run died.
+        with self.path.open("ab") as handle:
+            handle.truncate(self._bytes)
+
+    def append_chunk(self, pairs: list[PreferencePair], prompts: int, stats: dict[str, float] | None = None) -> None:
+        data = "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in pairs).encode("utf-8")
+        with self.path.open("ab") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._bytes += len(data)
+        self.prompts_done += prompts
+        self.pairs += len(pairs)
+        for key, value in (stats or {}).items():
+            self.stats[key] = self.stats.get(key, 0) + value
+        atomic_write_json(self.commit_path, {"bytes": self._bytes, "prompts_done": self.prompts_done,
+                                             "pairs": self.pairs, "stats": self.stats})
+
+    def finalize(self) -> Path:
+        os.replace(self.path, self.final_path)
+        self.commit_path.unlink()
+        return self.final_path

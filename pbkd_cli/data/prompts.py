@@ -1,0 +1,75 @@
+"""Prompts and responses as token ids: the one place text meets the tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pbkd_cli.config.schema import DataConfig
+from pbkd_cli.data.examples import Example
+
+
+def format_prompt(example: Example, cfg: DataConfig, tokenizer) -> str:
+    text = cfg.prompt_template.format(question=example.question)
+    if cfg.use_chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text
+
+
+def gold_response(example: Example) -> str:
+    # Responses start with a space so that "Answer:" + response reads as the text it was trained on.
+    return " " + example.solution.strip()
+
+
+def encode_prompts(examples: list[Example], cfg: DataConfig, tokenizer) -> list[list[int]]:
+    """Prompt ids, keeping the last `max_prompt_tokens` (the question's end holds what is asked)."""
+    texts = [format_prompt(ex, cfg, tokenizer) for ex in examples]
+    ids = tokenizer(texts, add_special_tokens=not cfg.use_chat_template)["input_ids"]
+    return [row[-cfg.max_prompt_tokens:] for row in ids]
+
+
+def encode_responses(responses: list[str], cfg: DataConfig, tokenizer) -> list[list[int]]:
+    """Response ids ending in eos (so the model learns to stop), cut to `max_response_tokens`."""
+    ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    return [(row + [tokenizer.eos_token_id])[: cfg.max_response_tokens] for row in ids]
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded prompt+response rows; `response_mask` marks the tokens that carry the loss."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+
+    def to(self, device: torch.device) -> "TokenBatch":
+        return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.response_mask)))
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> TokenBatch:
+    length = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    response_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        n, m = len(prompt), len(response)
+        input_ids[row, : n + m] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[row, : n + m] = 1
+        response_mask[row, n : n + m] = 1
+    return TokenBatch(input_ids, attention_mask, response_mask)
+
+
+def encode_pairs(pairs, cfg: DataConfig, tokenizer) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """(prompt, chosen, rejected) ids of preference pairs, prompts rebuilt from their questions.
+
+    Each model formats the question with its own tokenizer (and chat template), so a pair written
+    from one model family trains a reward model of another.
+    """
+    examples = [Example(id=p.id, question=p.question, solution="", answer=p.answer) for p in pairs]
+    prompts = encode_prompts(examples, cfg, tokenizer) if all(p.question for p in pairs) else [
+        row[-cfg.max_prompt_tokens:] for row in tokenizer([p.prompt for p in pairs])["input_ids"]]
+    chosen = encode_responses([p.chosen for p in pairs], cfg, tokenizer)
+    rejected = encode_responses([p.rejected for p in pairs], cfg, tokenizer)
+    return prompts, chosen, rejected

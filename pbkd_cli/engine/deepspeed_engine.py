@@ -1,0 +1,97 @@
+"""DeepSpeed engines for the models a stage trains, and saving what they hold.
+
+The same path serves one CPU process (gloo) and multi-GPU jobs (nccl). Without an `optimizer`
+section in the DeepSpeed config, a torch AdamW is handed to DeepSpeed, which compiles nothing;
+with one (e.g. `deepspeed=zero3_offload`), DeepSpeed builds its own (compiled) optimiser.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pbkd_cli.config.schema import TrainerConfig
+from pbkd_cli.engine.distributed import distributed_context
+
+log = logging.getLogger("pbkd")
+
+
+def _deepspeed():
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    if not torch.cuda.is_available() and os.environ.get("PBKD_DS_SHM_COMM") != "1":
+        # The shm collective is JIT-compiled with gcc on first use; gloo needs no build step.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   verbose=False)
+    return deepspeed
+
+
+def inference_device() -> torch.device:
+    ctx = distributed_context()
+    return torch.device("cuda", ctx.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def deepspeed_config(ds: dict[str, Any], trainer: TrainerConfig) -> dict[str, Any]:
+    """The user's DeepSpeed section completed with the batch arithmetic and clipping of `trainer`."""
+    world = distributed_context().world_size
+    config = copy.deepcopy(dict(ds))
+    config.update(
+        train_micro_batch_size_per_gpu=trainer.micro_batch_size,
+        gradient_accumulation_steps=trainer.grad_accum,
+        train_batch_size=trainer.micro_batch_size * trainer.grad_accum * world,
+        gradient_clipping=trainer.max_grad_norm,
+    )
+    config.setdefault("zero_allow_untested_optimizer", True)
+    config.setdefault("steps_per_print", 10**9)
+    return config
+
+
+def build_engine(model: torch.nn.Module, trainer: TrainerConfig, ds: dict[str, Any]):
+    """Wrap `model` in a DeepSpeed engine with AdamW and the schedule of `trainer`.
+
+    The engine's `backward` scales for gradient accumulation and its `step` only updates on
+    accumulation boundaries, so loops call both once per micro-batch.
+    """
+    from transformers import get_scheduler
+
+    deepspeed = _deepspeed()
+    config = deepspeed_config(ds, trainer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if "optimizer" not in config:
+        optimizer = torch.optim.AdamW(params, lr=trainer.lr, betas=tuple(trainer.adam_betas),
+                                      weight_decay=trainer.weight_decay)
+    warmup = int(trainer.warmup_ratio * trainer.max_steps)
+
+    def schedule(opt):
+        return get_scheduler(trainer.lr_schedule.value, opt, num_warmup_steps=warmup,
+                             num_training_steps=trainer.max_steps)
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                      lr_scheduler=schedule, config=config)
+    return engine
+
+
+def save_model(engine_or_model, tokenizer, path: str | Path) -> None:
+    """`save_pretrained` (safetensors) of an engine's module, gathering ZeRO-3 shards first."""
+    from pbkd_cli.io import atomic_directory
+
+    module = getattr(engine_or_model, "module", engine_or_model)
+    state_dict = None
+    if getattr(engine_or_model, "zero_optimization_partition_weights", lambda: False)():
+        state_dict = engine_or_model._zero3_consolidated_16bit_state_dict()
+    if not distributed_context().is_main:
+        return
+    with atomic_directory(path) as tmp:
+        module.save_pretrained(tmp, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)

@@ -1,0 +1,78 @@
+"""Batched sampling with Hugging Face `generate`: left padding, KV cache, stop at eos."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+
+@dataclass
+class Samples:
+    """`num_samples` responses per prompt, grouped: rows i*k .. i*k+k-1 answer prompt i."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]  # generated tokens up to and including eos, no padding
+    texts: list[str]
+    finished: list[bool]  # False where max_new_tokens cut the response before eos
+    num_samples: int
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(r) for r in self.response_ids)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int = 1, max_new_tokens: int,
+             temperature: float, top_p: float = 1.0, batch_size: int = 64,
+             progress: Callable[[Iterable, int], Iterable] = lambda it, total: it) -> Samples:
+    """Sample `num_samples` responses per prompt (`temperature == 0`: greedy, one per prompt).
+
+    Prompts are batched in order of length so that little compute goes to padding; results come
+    back in the caller's order.
+    """
+    greedy = temperature == 0
+    if greedy and num_samples != 1:
+        raise ValueError("greedy decoding gives one response per prompt; set temperature > 0")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    per_batch = max(1, batch_size // num_samples)
+    batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
+    responses: dict[int, list[list[int]]] = {}
+    eos = tokenizer.eos_token_id
+    for batch in progress(batches, len(batches)):
+        ids, mask = _left_pad([prompt_ids[i] for i in batch], tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+            top_k=None, num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos, use_cache=True,
+        )
+        generated = out[:, ids.shape[1]:].tolist()
+        for j, index in enumerate(batch):
+            rows = []
+            for row in generated[j * num_samples:(j + 1) * num_samples]:
+                rows.append(row[: row.index(eos) + 1] if eos in row else row)
+            responses[index] = rows
+    model.train(was_training)
+    flat = [r for i in range(len(prompt_ids)) for r in responses[i]]
+    return Samples(
+        prompt_ids=[p for p in prompt_ids for _ in range(num_samples)],
+        response_ids=flat,
+        texts=tokenizer.batch_decode(flat, skip_special_tokens=True),
+        finished=[bool(r) and r[-1] == eos for r in flat],
+        num_samples=num_samples,
+    )

@@ -1,0 +1,79 @@
+"""Atomic file and directory writes, and JSONL reading with line-numbered errors.
+
+Every artefact a later stage reads is written to a temporary sibling and renamed into place, so a
+crash (or a full disk) leaves either the old artefact or none, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class PbkdError(Exception):
+    """Bad input or a failed precondition: reported as one line, with a non-zero exit."""
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
+    """Parse a JSONL file; a bad line raises PbkdError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PbkdError(f"{what}={path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PbkdError(f"{what}={path} line {number}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise PbkdError(f"{what}={path} line {number}: expected a JSON object")
+            rows.append(row)
+    return rows

@@ -1,0 +1,115 @@
+"""Models from the hub or a local directory, or tiny Llamas built from a config with no hub at all.
+
+Weights are only read from safetensors (or GGUF when `gguf_file` is set), and remote code runs only
+when the model's config sets `trust_remote_code: true`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pbkd_cli.config.schema import ModelConfig, TokenizerConfig
+from pbkd_cli.io import PbkdError
+
+log = logging.getLogger("pbkd")
+
+PAD, EOS = "<pad>", "</s>"
+
+
+def build_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE trained on `texts` (GPT-2 style pre-tokenization, no normalisation)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
+
+
+def _check_local(name_or_path: str, key: str) -> None:
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise PbkdError(f"{key}.name_or_path={name_or_path}: no such file or directory")
+
+
+def load_tokenizer(cfg: ModelConfig, key: str, tokenizer_cfg: TokenizerConfig,
+                   corpus: Callable[[], list[str]]):
+    """The model's own tokenizer, or for a from-scratch model one trained on the task's `corpus`."""
+    if cfg.name_or_path is None:
+        tokenizer = build_bpe_tokenizer(corpus(), tokenizer_cfg.vocab_size)
+    else:
+        from transformers import AutoTokenizer
+
+        _check_local(cfg.name_or_path, key)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                                  gguf_file=cfg.gguf_file,
+                                                  trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.eos_token is None:
+        raise PbkdError(f"{key}: the tokenizer has no eos token; generation could not stop")
+    if tokenizer.pad_token is None:
+        # Padding is always masked out, so reusing eos as pad is safe.
+        log.warning("%s: tokenizer has no pad token; using eos (%r) as pad", key, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _tiny_llama_config(cfg: ModelConfig, tokenizer, key: str):
+    from transformers import LlamaConfig
+
+    if cfg.tiny is None:
+        raise PbkdError(f"{key}: set either name_or_path (a hub id or directory) or tiny (an architecture)")
+    arch = cfg.tiny
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def _pretrained_kwargs(cfg: ModelConfig) -> dict:
+    kwargs = dict(revision=cfg.revision, dtype=getattr(torch, cfg.dtype.value),
+                  trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    else:
+        kwargs["use_safetensors"] = True
+    return kwargs
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer, key: str):
+    """A causal LM: `from_pretrained(name_or_path)`, or a freshly initialised tiny Llama."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    if cfg.name_or_path is None:
+        model = LlamaForCausalLM(_tiny_llama_config(cfg, tokenizer, key))
+    else:
+        _check_local(cfg.name_or_path, key)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **_pretrained_kwargs(cfg))
+        except OSError as exc:
+            raise PbkdError(f"{key}.name_or_path={cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

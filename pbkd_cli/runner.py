@@ -1,0 +1,124 @@
+"""A run: its directory, its provenance files, its tracker, and the dispatch to a stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from pbkd_cli.config.schema import PbkdConfig
+from pbkd_cli.io import PbkdError, atomic_write_json, atomic_write_text
+from pbkd_cli.tracking import Tracker
+
+log = logging.getLogger("pbkd")
+
+# stage name -> module under pbkd_cli.stages exposing `run(cfg: PbkdConfig, run: Run) -> dict`
+STAGES = {
+    "sft": "sft",
+    "collect_prefs": "collect_prefs",
+    "train_rm": "train_rm",
+    "minmax": "minmax",
+    "online": "online",
+    "eval": "evaluate",
+    "pipeline": "pipeline",
+}
+
+_PACKAGES = ("pbkd-cli", "torch", "transformers", "tokenizers", "datasets", "deepspeed", "hydra-core",
+             "omegaconf", "typer", "wandb", "safetensors")
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(_REPO), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+def config_as_dict(cfg: PbkdConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
+class Run:
+    """What a stage gets besides its config: where to write, and how to log."""
+
+    def __init__(self, cfg: PbkdConfig, run_dir: Path, overrides: list[str], is_main: bool = True):
+        self.cfg = cfg
+        self.dir = Path(run_dir)
+        self.overrides = list(overrides)
+        self.is_main = is_main
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
+        config = config_as_dict(cfg)
+        if is_main:
+            atomic_write_text(self.dir / "config.yaml", OmegaConf.to_yaml(config))
+            atomic_write_json(self.dir / "run_info.json", {
+                "stage": cfg.stage,
+                "seed": cfg.seed,
+                "overrides": self.overrides,
+                "argv": sys.argv,
+                "git": git_commit(),
+                "packages": package_versions(),
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
+        self.tracker = Tracker(self.dir, cfg.logger, config, name=f"{cfg.stage}-{self.dir.name}", is_main=is_main)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Write `summary.json`: the run's figures, deterministic for a given config and seed."""
+        if self.is_main:
+            atomic_write_json(self.dir / "summary.json", summary)
+            atomic_write_json(self.dir / "timing.json", {"wall_seconds": round(time.time() - self.started, 2)})
+        self.tracker.summary(summary)
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+def run_stage(cfg: PbkdConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """Seed everything, run `cfg.stage` in `run_dir`, and return its summary."""
+    from pbkd_cli.engine import distributed_context, seed_everything
+
+    if cfg.stage not in STAGES:
+        raise PbkdError(f"stage={cfg.stage}: unknown stage (one of {', '.join(STAGES)})")
+    stage = importlib.import_module(f"pbkd_cli.stages.{STAGES[cfg.stage]}")
+    dist = distributed_context()
+    seed_everything(cfg.seed)
+    run = Run(cfg, run_dir, overrides, is_main=dist.is_main)
+    try:
+        summary = stage.run(cfg, run)
+        run.finish(summary)
+    finally:
+        run.close()
+    if dist.is_main:
+        log.info("%s done: %s", cfg.stage, json.dumps(summary, default=str)[:500])
+    return summary

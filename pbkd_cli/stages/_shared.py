@@ -1,0 +1,103 @@
+"""Loading steps every stage shares, so that stage files keep to their algorithm."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import torch
+
+from pbkd_cli.config.schema import PbkdConfig
+from pbkd_cli.data.tasks import tokenizer_corpus
+from pbkd_cli.engine import distributed_context, inference_device
+from pbkd_cli.models import load_causal_lm, load_tokenizer
+from pbkd_cli.models.factory import parameter_count
+
+log = logging.getLogger("pbkd")
+
+
+def load_lm(cfg: PbkdConfig, role: str):
+    """(tokenizer, causal LM) for `model.<role>`; from-scratch models get the task's tokenizer."""
+    model_cfg = getattr(cfg.model, role)
+    key = f"model.{role}"
+    tokenizer = load_tokenizer(model_cfg, key, cfg.tokenizer,
+                               corpus=lambda: tokenizer_corpus(cfg.data, cfg.tokenizer.corpus_size))
+    model = load_causal_lm(model_cfg, tokenizer, key)
+    log.info("%s: %s (%.2fM parameters)", key, model_cfg.name_or_path or "tiny Llama from scratch",
+             parameter_count(model) / 1e6)
+    return tokenizer, model
+
+
+def minibatches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless shuffled index batches, one fresh permutation per epoch; each rank gets its share."""
+    dist = distributed_context()
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        order = order[dist.rank::dist.world_size]
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
+        if len(order) < batch_size:
+            raise ValueError(f"trainer.micro_batch_size={batch_size} exceeds the {len(order)} examples per rank")
+
+
+def endpoint(api, key: str):
+    """A `ChatEndpoint` for an `ApiConfig` (None stays None)."""
+    from pbkd_cli.generation.openai_api import ChatEndpoint
+
+    if api is None:
+        return None
+    return ChatEndpoint(base_url=api.base_url, model=api.model, api_key_env=api.api_key_env,
+                        timeout_s=api.timeout_s, max_retries=api.max_retries, concurrency=api.concurrency,
+                        config_key=key)
+
+
+class ResponseSampler:
+    """k responses per example as text, from a local model or an OpenAI-compatible endpoint."""
+
+    def __init__(self, cfg: PbkdConfig, role: str, model=None, tokenizer=None):
+        self.cfg = cfg
+        self.tokenizer, self.model = tokenizer, model
+        self.api = endpoint(getattr(cfg.model, role).api, f"model.{role}.api")
+        if self.api is None and model is None:
+            self.tokenizer, self.model = load_lm(cfg, role)
+            self.model.to(inference_device())
+
+    def sample(self, examples, k: int, temperature: float, progress=None) -> list[list[str]]:
+        from pbkd_cli.data.prompts import encode_prompts, format_prompt
+        from pbkd_cli.generation import generate
+
+        data = self.cfg.data
+        if self.api is not None:
+            chats = [[{"role": "user", "content": data.prompt_template.format(question=ex.question)}]
+                     for ex in examples]
+            return self.api.complete_many(chats, temperature=temperature, max_tokens=data.max_response_tokens, n=k)
+        samples = generate(self.model, self.tokenizer, encode_prompts(examples, data, self.tokenizer),
+                           num_samples=k, temperature=temperature, top_p=self.cfg.generation.top_p,
+                           max_new_tokens=data.max_response_tokens, batch_size=self.cfg.generation.batch_size,
+                           **({"progress": progress} if progress else {}))
+        return [samples.texts[i * k:(i + 1) * k] for i in range(len(examples))]
+
+
+def load_rm(cfg: PbkdConfig):
+    """(tokenizer, reward model) for `model.rm`: a trained RM, or a value head on a backbone."""
+    from pbkd_cli.models.reward import load_reward_model
+
+    tokenizer = load_tokenizer(cfg.model.rm, "model.rm", cfg.tokenizer,
+                               corpus=lambda: tokenizer_corpus(cfg.data, cfg.tokenizer.corpus_size))
+    return tokenizer, load_reward_model(cfg.model.rm, tokenizer)
+
+
+@torch.no_grad()
+def batched_rewards(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                    batch_size: int) -> torch.Tensor:
+    """Rewards of many (prompt, response) rows without building a graph."""
+    from pbkd_cli.data.prompts import collate
+    from pbkd_cli.models.reward import score
+
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = collate(prompts[start:start + batch_size], responses[start:start + batch_size], pad_id).to(device)
+        out.append(score(model, batch.input_ids, batch.attention_mask).cpu())
+    return torch.cat(out) if out else torch.zeros(0)

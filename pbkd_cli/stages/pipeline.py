@@ -1,0 +1,56 @@
+"""Every method of the comparison, each step in its own subdirectory, ending with the table.
+
+    teacher (demo: fitted on gold) -> vanilla KD (SFT on teacher samples)
+      -> offline preferences -> RM by MLE -> min-max              = PbKD offline
+      -> T x (collect with the current student, refit, min-max)   = PbKD online
+    -> exact-match evaluation of every model
+Both PbKD variants start from the vanilla-KD student, so the table compares methods, not budgets
+stacked on one another.
+"""
+
+from __future__ import annotations
+
+from pbkd_cli.config.schema import PbkdConfig
+from pbkd_cli.io import atomic_write_text
+from pbkd_cli.runner import Run
+from pbkd_cli.stages._steps import Steps
+
+
+def comparison_table(methods: dict[str, dict]) -> str:
+    lines = ["| method | accuracy | n |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {m['accuracy']:.3f} | {m['n']} |" for name, m in methods.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: PbkdConfig, run: Run) -> dict:
+    step = Steps(run)
+    teacher = []
+    if cfg.pipeline.train_teacher:
+        trained = step("teacher", "sft", ["sft.model=teacher", "sft.source=gold"])
+        teacher = [f"model.teacher.name_or_path={trained['model_dir']}"]
+    vanilla = step("vanilla_kd", "sft", [*teacher, "sft.model=student", "sft.source=teacher"])
+    sft_student = f"model.student.name_or_path={vanilla['model_dir']}"
+
+    offline_prefs = step("offline_prefs", "collect_prefs", [*teacher, sft_student])
+    rm = step("train_rm", "train_rm", [f"train_rm.prefs_path={offline_prefs['prefs_path']}"])
+    offline = step("pbkd_offline", "minmax", [
+        *teacher, sft_student, f"model.rm.name_or_path={rm['model_dir']}",
+        f"minmax.prefs_path={offline_prefs['prefs_path']}"])
+    online = step("pbkd_online", "online", [
+        *teacher, sft_student, f"model.rm.name_or_path={rm['model_dir']}",
+        f"online.initial_prefs_path={offline_prefs['prefs_path']}",
+        # Online rounds ask fresh prompts, after the ones the offline pairs used.
+        f"collect_prefs.prompt_offset={offline_prefs['prompts']}"])
+
+    students = {"base student": None, "vanilla KD": vanilla, "PbKD offline": offline, "PbKD online": online}
+    methods = {}
+    for name, trained_run in {"teacher": None, **students}.items():
+        role = "teacher" if name == "teacher" else "student"
+        model = [f"model.student.name_or_path={trained_run['model_dir']}"] if trained_run else []
+        step_name = f"eval/{name.replace(' ', '_')}"
+        result = step(step_name, "eval", [*teacher, *model, f"eval.model={role}"])
+        methods[name] = {"accuracy": result["accuracy"], "n": result["n"], "run_dir": str(run.dir / step_name)}
+    table = comparison_table(methods)
+    atomic_write_text(run.dir / "comparison.md", table)
+    print(f"\nAccuracy on the {cfg.eval.split} split ({run.dir}):\n\n{table}", flush=True)
+    return {"methods": methods, "rm_heldout_accuracy": rm.get("heldout_accuracy")}

@@ -1,0 +1,79 @@
+"""Fit the reward model by Bradley-Terry MLE: minimise -mean log sigma(r(x, y_w) - r(x, y_l)).
+
+The fitted loss L_r(D) is the centre of the confidence set R(D) = {r : L_r(D) <= min L + zeta} that
+the min-max stage keeps the RM near (through its beta * L_BT term).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from pbkd_cli.config.schema import PbkdConfig
+from pbkd_cli.data.preferences import load_preferences
+from pbkd_cli.data.prompts import collate, encode_pairs
+from pbkd_cli.engine import build_engine, save_model
+from pbkd_cli.io import PbkdError
+from pbkd_cli.models.reward import score
+from pbkd_cli.objectives.bradley_terry import bradley_terry_loss, pairwise_accuracy
+from pbkd_cli.runner import Run
+from pbkd_cli.stages._shared import batched_rewards, load_rm, minibatches
+
+
+def pair_batch(prompts, chosen, rejected, idx, pad_id):
+    """Chosen rows then rejected rows of the same prompts, in one padded batch."""
+    rows = [prompts[i] for i in idx]
+    return collate(rows + rows, [chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id)
+
+
+def bt_figures(model, prompts, chosen, rejected, pad_id, batch_size) -> dict[str, float]:
+    rc = batched_rewards(model, prompts, chosen, pad_id, batch_size)
+    rr = batched_rewards(model, prompts, rejected, pad_id, batch_size)
+    return {"bt_loss": bradley_terry_loss(rc, rr).item(), "accuracy": pairwise_accuracy(rc, rr).item(),
+            "margin": (rc - rr).mean().item()}
+
+
+def run(cfg: PbkdConfig, run: Run) -> dict:
+    if cfg.train_rm.prefs_path is None:
+        raise PbkdError("train_rm.prefs_path: set it to a preference file (collect-prefs writes prefs.jsonl)")
+    pairs = load_preferences(cfg.train_rm.prefs_path, "train_rm.prefs_path")
+    order = list(range(len(pairs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_heldout = int(len(pairs) * cfg.train_rm.heldout_fraction)
+    heldout, train = [pairs[i] for i in order[:n_heldout]], [pairs[i] for i in order[n_heldout:]]
+
+    tokenizer, rm = load_rm(cfg)
+    prompts, chosen, rejected = encode_pairs(train, cfg.data, tokenizer)
+    pad = tokenizer.pad_token_id
+    trainer = cfg.trainer
+    engine = build_engine(rm, trainer, cfg.deepspeed)
+    batches = minibatches(len(train), min(trainer.micro_batch_size, len(train)), cfg.seed)
+    for step in run.tracker.progress(range(1, trainer.max_steps + 1), total=trainer.max_steps, desc="train-rm"):
+        for _ in range(trainer.grad_accum):
+            batch = pair_batch(prompts, chosen, rejected, next(batches), pad).to(engine.device)
+            rc, rr = score(engine, batch.input_ids, batch.attention_mask).chunk(2)
+            loss = bradley_terry_loss(rc, rr)
+            engine.backward(loss)
+            engine.step()
+        if step % trainer.log_every == 0 or step == trainer.max_steps:
+            run.tracker.log({"bt_loss": loss.item(), "accuracy": pairwise_accuracy(rc, rr).item(),
+                             "lr": engine.get_lr()[0]}, step, prefix="rm/")
+
+    save_model(engine, tokenizer, run.dir / "model")
+    engine.module.eval()
+    batch_size = cfg.generation.batch_size
+    fit = bt_figures(engine.module, prompts, chosen, rejected, pad, batch_size)
+    summary = {
+        "prefs_path": str(cfg.train_rm.prefs_path),
+        "train_pairs": len(train),
+        "heldout_pairs": len(heldout),
+        # The MLE loss on the training pairs: the reference level of the confidence set.
+        "mle_loss": round(fit["bt_loss"], 6),
+        "train_accuracy": round(fit["accuracy"], 6),
+        "model_dir": str(run.dir / "model"),
+    }
+    if heldout:
+        held = bt_figures(engine.module, *encode_pairs(heldout, cfg.data, tokenizer), pad, batch_size)
+        summary.update(heldout_accuracy=round(held["accuracy"], 6), heldout_bt_loss=round(held["bt_loss"], 6))
+    return summary

@@ -1,0 +1,82 @@
+"""Metrics to `metrics.jsonl`, the console and Weights & Biases (offline unless asked otherwise)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+from pbkd_cli.config.schema import LoggerConfig, WandbMode
+
+log = logging.getLogger("pbkd")
+T = TypeVar("T")
+
+
+class Tracker:
+    """One run's metric sink. Only the main process writes; the others are silent."""
+
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, config: dict, name: str, is_main: bool):
+        self.is_main = is_main
+        self.progress_bars = cfg.progress_bars and is_main and sys.stderr.isatty()
+        if not self.progress_bars:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        self._metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if is_main else None
+        self._wandb = None
+        if is_main and cfg.mode != WandbMode.disabled:
+            import wandb  # imported lazily: it starts a service process
+
+            # The API key is read by wandb from WANDB_API_KEY; it is never part of `config`.
+            self._wandb = wandb.init(
+                mode=cfg.mode.value,
+                project=cfg.project,
+                entity=cfg.entity,
+                group=cfg.group,
+                tags=list(cfg.tags),
+                name=name,
+                dir=str(run_dir),
+                config=config,
+                reinit="create_new",
+            )
+
+    def log(self, metrics: dict[str, Any], step: int, prefix: str = "") -> None:
+        if not self.is_main:
+            return
+        row = {f"{prefix}{k}": _plain(v) for k, v in metrics.items()}
+        self._metrics.write(json.dumps({"step": step, **row}) + "\n")
+        self._metrics.flush()
+        if self._wandb is not None:
+            self._wandb.log(row, step=step)
+        shown = " ".join(f"{k}={_short(v)}" for k, v in row.items())
+        log.info("step %d %s", step, shown)
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        if self._wandb is not None:
+            self._wandb.summary.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+
+    def progress(self, iterable: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
+        return tqdm(iterable, total=total, desc=desc, disable=not self.progress_bars, leave=False)
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

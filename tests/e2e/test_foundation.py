@@ -1,0 +1,123 @@
+"""The CLI surface and the `sft` / `eval` / `pipeline` stages, end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from .conftest import MINMAX, PREFS, TINY, ok, pbkd, summary
+
+
+def test_help_lists_every_stage(workdir):
+    out = ok(pbkd("--help", cwd=workdir)).stdout
+    for stage in ("sft", "collect-prefs", "train-rm", "minmax", "online", "eval", "pipeline"):
+        assert stage in out
+
+
+def test_stage_help_shows_config_groups(workdir):
+    out = ok(pbkd("sft", "--help", cwd=workdir)).stdout
+    assert "model/student" in out and "deepspeed" in out and "zero3" in out and "exp" in out
+
+
+def test_cfg_job_prints_the_composed_config_without_running(workdir):
+    result = ok(pbkd("sft", "+exp=demo", "trainer.lr=0.0123", "--cfg", "job", cwd=workdir))
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["trainer"]["lr"] == 0.0123 and cfg["stage"] == "sft"
+    assert not (workdir / "outputs").exists()
+
+
+def test_bad_value_fails_with_one_line_naming_the_key(workdir):
+    result = pbkd("sft", "+exp=demo", "trainer.lr=oops", cwd=workdir)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "trainer.lr" in lines[0] and "oops" in lines[0]
+
+
+def test_unknown_key_fails_with_one_line_naming_the_key(workdir):
+    for override in ("no_such_key=1", "+no_such_key=1", "trainer.no_such_key=1"):
+        result = pbkd("sft", "+exp=demo", override, cwd=workdir)
+        assert result.returncode == 2, override
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no_such_key" in lines[0], (override, result.stderr)
+
+
+def test_bad_choice_and_sweep_without_multirun_are_rejected(workdir):
+    result = pbkd("sft", "sft.source=oracle", cwd=workdir)
+    assert result.returncode == 2 and "sft.source" in result.stderr
+    result = pbkd("sft", "seed=1,2", cwd=workdir)
+    assert result.returncode == 2 and "--multirun" in result.stderr
+
+
+def test_missing_model_path_is_one_line(workdir):
+    result = pbkd("eval", *TINY, "model.student.name_or_path=/no/such/model", "hydra.run.dir=bad", cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: model.student.name_or_path=/no/such/model")
+
+
+
+def test_sft_writes_a_complete_run_directory(trained_teacher):
+    run_dir = trained_teacher.parent
+    assert (trained_teacher / "model.safetensors").exists()
+    assert (trained_teacher / "tokenizer.json").exists() and (trained_teacher / "config.json").exists()
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["sft"]["model"] == "teacher" and cfg["trainer"]["max_steps"] == 6
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["seed"] == 0 and info["packages"]["torch"] and "commit" in info["git"]
+    assert "sft.model=teacher" in info["overrides"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 6] and all("sft/loss" in m for m in metrics)
+    result = summary(run_dir)
+    assert result["steps"] == 6 and result["train_pairs"] == 96 and result["final_train_loss"] > 0
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_eval_scores_a_trained_model(workdir, trained_teacher):
+    run_dir = workdir / "eval_teacher"
+    ok(pbkd("eval", *TINY, "eval.model=teacher", f"model.teacher.name_or_path={trained_teacher}",
+            "eval.num_samples=2", f"hydra.run.dir={run_dir}", cwd=workdir))
+    result = summary(run_dir)
+    assert result["n"] == 16 and 0.0 <= result["accuracy"] <= 1.0 and "maj@2" in result
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(len(r["samples"]) == 2 for r in rows)
+    assert result["accuracy"] == sum(r["correct"] for r in rows) / 16
+
+
+def test_vanilla_kd_trains_the_student_on_teacher_samples(workdir, trained_teacher):
+    run_dir = workdir / "vanilla"
+    ok(pbkd("sft", *TINY, "sft.source=teacher", f"model.teacher.name_or_path={trained_teacher}",
+            f"hydra.run.dir={run_dir}", cwd=workdir))
+    rows = [json.loads(line) for line in (run_dir / "teacher_responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 96 and summary(run_dir)["source"] == "teacher"
+    assert (run_dir / "model" / "model.safetensors").exists()
+
+
+def test_same_config_and_seed_reproduce_the_summary(workdir):
+    runs = [workdir / "repro_a", workdir / "repro_b"]
+    for run_dir in runs:
+        ok(pbkd("sft", *TINY, "seed=3", f"hydra.run.dir={run_dir}", cwd=workdir))
+    assert summary(runs[0]) | {"model_dir": None} == summary(runs[1]) | {"model_dir": None}
+
+
+def test_multirun_gives_one_directory_per_job(workdir):
+    sweep = workdir / "sweep"
+    ok(pbkd("sft", "-m", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}", cwd=workdir))
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    seeds = [yaml.safe_load((p / "config.yaml").read_text())["seed"] for p in jobs]
+    assert seeds == [1, 2]
+    assert summary(jobs[0])["final_train_loss"] != summary(jobs[1])["final_train_loss"]
+
+
+def test_pipeline_prints_and_saves_the_table(workdir):
+    run_dir = workdir / "pipeline"
+    args = ["pipeline", *TINY, *PREFS, *MINMAX, "online.iterations=1", "online.prompts_per_iteration=8",
+            f"hydra.run.dir={run_dir}"]
+    result = ok(pbkd(*args, cwd=workdir))
+    methods = summary(run_dir)["methods"]
+    assert list(methods) == ["teacher", "base student", "vanilla KD", "PbKD offline", "PbKD online"]
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in methods.values())
+    assert "| vanilla KD |" in result.stdout and (run_dir / "comparison.md").exists()
+    # A rerun resumes: every step is already done, and the table is the same.
+    again = ok(pbkd(*args, cwd=workdir))
+    assert summary(run_dir)["methods"] == methods and "already done" in again.stderr + again.stdout

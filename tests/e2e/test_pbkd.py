@@ -1,0 +1,130 @@
+"""Black-box PbKD stages through the CLI on tiny models: collect-prefs, train-rm, minmax, online."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pbkd_cli.data.preferences import load_preferences
+
+from .conftest import MINMAX, PREFS, TINY, ok, pbkd, summary
+
+
+@pytest.fixture(scope="module")
+def prefs(workdir, trained_teacher):
+    run_dir = workdir / "prefs"
+    ok(pbkd("collect-prefs", *TINY, *PREFS, f"model.teacher.name_or_path={trained_teacher}",
+            f"hydra.run.dir={run_dir}", cwd=workdir))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reward_model(workdir, prefs):
+    run_dir = workdir / "rm"
+    ok(pbkd("train-rm", *TINY, f"train_rm.prefs_path={prefs / 'prefs.jsonl'}", "train_rm.heldout_fraction=0.25",
+            f"hydra.run.dir={run_dir}", cwd=workdir))
+    return run_dir
+
+
+def test_collect_prefs_writes_teacher_preferred_pairs(prefs):
+    pairs = load_preferences(prefs / "prefs.jsonl")
+    assert len(pairs) == 24 * 2 == summary(prefs)["pairs"]
+    assert all(p.chosen_source == "teacher" and p.rejected_source == "student" for p in pairs)
+    assert len({p.id for p in pairs}) == len(pairs)
+    assert not (prefs / "prefs.partial.jsonl").exists() and not (prefs / "prefs.commit.json").exists()
+
+
+def test_collect_prefs_killed_midway_resumes_without_loss_or_duplicates(workdir, trained_teacher, prefs):
+    run_dir = workdir / "prefs_killed"
+    args = ["collect-prefs", *TINY, *PREFS, "collect_prefs.chunk_prompts=2",
+            f"model.teacher.name_or_path={trained_teacher}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "pbkd_cli.cli", *args], cwd=workdir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    commit = run_dir / "prefs.commit.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (commit.exists() and json.loads(commit.read_text())["prompts_done"] >= 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(commit.read_text())["prompts_done"]
+    assert 4 <= done < 24, "the kill must land midway"
+    assert not (run_dir / "prefs.jsonl").exists(), "no final file until every prompt is done"
+    ok(pbkd(*args, cwd=workdir))
+    resumed = [(p.id, p.chosen, p.rejected) for p in load_preferences(run_dir / "prefs.jsonl")]
+    # Chunks are seeded by position, so the resumed file equals an uninterrupted run's with the same chunking.
+    clean_dir = workdir / "prefs_clean"
+    ok(pbkd(*args[:-1], f"hydra.run.dir={clean_dir}", cwd=workdir))
+    clean = [(p.id, p.chosen, p.rejected) for p in load_preferences(clean_dir / "prefs.jsonl")]
+    assert resumed == clean and len({r[0] for r in resumed}) == len(resumed) == 48
+
+
+def test_collect_prefs_correctness_labeler(workdir, trained_teacher):
+    run_dir = workdir / "prefs_correct"
+    ok(pbkd("collect-prefs", *TINY, *PREFS, "collect_prefs.labeler=correctness", "collect_prefs.format=parquet",
+            f"model.teacher.name_or_path={trained_teacher}", f"hydra.run.dir={run_dir}", cwd=workdir))
+    result = summary(run_dir)
+    assert result["labeler"] == "correctness" and result["prefs_path"].endswith(".parquet")
+    from datasets import load_dataset
+
+    rows = load_dataset("parquet", data_files=result["prefs_path"], split="train")
+    assert len(rows) == result["pairs"]
+    from pbkd_cli.data.gsm8k import extract_answer
+
+    assert all(extract_answer(r["chosen"]) == r["answer"] != extract_answer(r["rejected"]) for r in rows)
+
+
+def test_train_rm_reports_heldout_accuracy_and_saves_a_sequence_classifier(reward_model):
+    result = summary(reward_model)
+    assert result["train_pairs"] + result["heldout_pairs"] == 48 and result["heldout_pairs"] == 12
+    assert 0.0 <= result["heldout_accuracy"] <= 1.0 and result["mle_loss"] > 0
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_model / "model")
+    assert rm.config.num_labels == 1
+
+
+def test_minmax_plays_the_game_and_logs_its_figures(workdir, trained_teacher, prefs, reward_model):
+    run_dir = workdir / "minmax"
+    ok(pbkd("minmax", *TINY, *MINMAX, f"model.teacher.name_or_path={trained_teacher}",
+            f"model.rm.name_or_path={reward_model / 'model'}", f"minmax.prefs_path={prefs / 'prefs.jsonl'}",
+            f"hydra.run.dir={run_dir}", cwd=workdir))
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in ("minmax/rm/gap", "minmax/rm/bt_loss", "minmax/rm/pref_accuracy", "minmax/pg/clip_fraction",
+                "minmax/pg/kl", "minmax/reward/mean", "minmax/reward/std", "minmax/sample/length"):
+        assert key in metrics[-1], key
+    assert (run_dir / "model" / "model.safetensors").exists() and (run_dir / "rm" / "model.safetensors").exists()
+
+
+def test_minmax_rejects_batch_arithmetic_that_does_not_fit(workdir, prefs, reward_model):
+    result = pbkd("minmax", *TINY, *MINMAX, "trainer.micro_batch_size=3",
+                  f"minmax.prefs_path={prefs / 'prefs.jsonl'}", "hydra.run.dir=bad", cwd=workdir)
+    assert result.returncode == 2 and "trainer.micro_batch_size=3" in result.stderr.strip().splitlines()[-1]
+
+
+def test_online_runs_iterations_with_their_own_directories(workdir, trained_teacher, reward_model):
+    run_dir = workdir / "online"
+    args = ["online", *TINY, *MINMAX, "online.iterations=2", "online.prompts_per_iteration=8",
+            "collect_prefs.samples_per_model=1", "collect_prefs.chunk_prompts=8",
+            f"model.teacher.name_or_path={trained_teacher}", f"model.rm.name_or_path={reward_model / 'model'}",
+            f"hydra.run.dir={run_dir}"]
+    ok(pbkd(*args, cwd=workdir))
+    result = summary(run_dir)
+    assert [it["iteration"] for it in result["iterations"]] == [1, 2]
+    for t in (1, 2):
+        for step in ("collect_prefs", "train_rm", "minmax"):
+            assert (run_dir / f"iter{t}" / step / "summary.json").exists()
+    # D^2 = D^1 + the second round's pairs.
+    assert len(load_preferences(run_dir / "iter2" / "prefs.jsonl")) == 2 * len(load_preferences(run_dir / "iter1" / "prefs.jsonl"))
+    # Resumable at iteration granularity: drop the last step and rerun.
+    import shutil
+
+    shutil.rmtree(run_dir / "iter2" / "minmax")
+    again = ok(pbkd(*args, cwd=workdir))
+    assert "already done" in again.stderr + again.stdout
+    assert summary(run_dir)["iterations"][0] == result["iterations"][0]

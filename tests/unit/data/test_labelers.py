@@ -1,0 +1,82 @@
+import json
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pbkd_cli.data.labelers import Candidate, correctness, judge_pairs, parse_verdict, teacher_preferred
+from pbkd_cli.generation.openai_api import ChatEndpoint
+from pbkd_cli.io import PbkdError
+
+T = [Candidate("5 + 3 = 8. #### 8", "teacher"), Candidate("5 + 3 = 8. #### 8!", "teacher")]
+S = [Candidate("5 + 3 = 9. #### 9", "student"), Candidate("5 + 3 = 8. #### 8 ok", "student"),
+     Candidate("#### 7", "student")]
+
+
+def test_teacher_preferred_pairs_each_student_sample_with_a_teacher_sample():
+    pairs = teacher_preferred(T, S, max_pairs=3)
+    assert [(p.chosen.source, p.rejected.source) for p in pairs] == [("teacher", "student")] * 3
+    assert pairs[2].chosen is T[0] and pairs[2].rejected is S[2]
+    assert len(teacher_preferred(T, S, max_pairs=1)) == 1
+
+
+def test_correctness_prefers_right_answers_whoever_wrote_them():
+    pairs = correctness(T + S, answer="8", max_pairs=4)
+    assert pairs and all(p.chosen.text.endswith(("8", "8!", "8 ok")) for p in pairs)
+    assert all(p.rejected.text.endswith(("9", "7")) for p in pairs)
+    assert len(pairs) == 3  # three right, two wrong: max(3, 2) pairs
+    assert correctness(T, answer="8", max_pairs=4) == []  # nothing wrong to contrast with
+    assert correctness(S[:1], answer="8", max_pairs=4) == []
+
+
+def test_parse_verdict():
+    assert parse_verdict("A") == "A" and parse_verdict(" b.") == "B" and parse_verdict("Answer B") == "B"
+    assert parse_verdict("neither") is None
+
+
+class Judge(BaseHTTPRequestHandler):
+    """A real HTTP judge on loopback: prefers the answer that ends in the right number (8)."""
+
+    calls = 0
+
+    def do_POST(self):
+        Judge.calls += 1
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][0]["content"]
+        a = text.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
+        verdict = "A" if a.rstrip("!ok ").endswith("8") else "B"
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def judge_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_llm_judge_over_http_ranks_whatever_order_it_is_shown(judge_url):
+    endpoint = ChatEndpoint(base_url=judge_url, model="judge", concurrency=2)
+    pairs = [(T[0], S[0]), (S[0], T[0]), (S[2], S[1])]
+    ranked = judge_pairs(endpoint, ["q"] * 3, pairs, random.Random(0))
+    assert [r.chosen.text for r in ranked] == [T[0].text, T[0].text, S[1].text]
+
+
+def test_unreachable_endpoint_fails_with_one_line_naming_the_key():
+    endpoint = ChatEndpoint(base_url="http://127.0.0.1:9/v1", model="m", max_retries=1, timeout_s=2,
+                            config_key="collect_prefs.judge")
+    with pytest.raises(PbkdError, match=r"^collect_prefs.judge.base_url=http://127.0.0.1:9/v1: request failed "
+                                        r"after 2 attempt\(s\)") as err:
+        endpoint.complete([{"role": "user", "content": "hi"}])
+    assert "\n" not in str(err.value)

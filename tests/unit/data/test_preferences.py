@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from pbkd_cli.data.preferences import PreferencePair, PreferenceWriter, load_preferences
+from pbkd_cli.io import PbkdError
+
+
+def pair(i: int) -> PreferencePair:
+    return PreferencePair(id=f"p{i}", prompt=f"Q{i}", chosen=f"good {i}", rejected=f"bad {i}", question=f"q{i}")
+
+
+def test_pairs_round_trip_in_the_prompt_chosen_rejected_convention(tmp_path):
+    writer = PreferenceWriter(tmp_path / "prefs.jsonl")
+    writer.append_chunk([pair(0), pair(1)], prompts=2)
+    path = writer.finalize()
+    row = json.loads(path.read_text().splitlines()[0])
+    assert {"prompt", "chosen", "rejected"} <= set(row)
+    assert [p.id for p in load_preferences(path)] == ["p0", "p1"]
+    assert not list(tmp_path.glob("*.partial.jsonl")) and not list(tmp_path.glob("*.commit.json"))
+
+
+def test_a_chunk_cut_short_by_a_crash_is_dropped_and_redone(tmp_path):
+    target = tmp_path / "prefs.jsonl"
+    writer = PreferenceWriter(target)
+    writer.append_chunk([pair(0), pair(1)], prompts=2, stats={"n": 2})
+    with writer.path.open("a") as handle:  # the next chunk was half written when the process died
+        handle.write(json.dumps({"id": "p2", "prompt": "Q2", "chosen": "x", "rejected": "y"}) + "\n{\"id\": \"p3")
+    resumed = PreferenceWriter(target)
+    assert resumed.prompts_done == 2 and resumed.pairs == 2 and resumed.stats == {"n": 2}
+    resumed.append_chunk([pair(2), pair(3)], prompts=2, stats={"n": 2})
+    pairs = load_preferences(resumed.finalize())
+    assert [p.id for p in pairs] == ["p0", "p1", "p2", "p3"]
+
+
+def test_bad_preference_files_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(PbkdError, match=r"bad.jsonl pair 2: missing or non-string 'rejected'"):
+        load_preferences(bad)
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\nnot json\n')
+    with pytest.raises(PbkdError, match=r"bad.jsonl line 2: invalid JSON"):
+        load_preferences(bad)
+    bad.write_text("")
+    with pytest.raises(PbkdError, match="no preference pairs"):
+        load_preferences(bad)
+    with pytest.raises(PbkdError, match="no such file"):
+        load_preferences(tmp_path / "missing.jsonl")
