@@ -64,12 +64,15 @@ def compose(overrides: Iterable[str]) -> DictConfig:
 
 
 def with_stage_overrides(stage: str, overrides: list[str], step: str | None = None) -> list[str]:
-    """`overrides` with the experiment's `stage_overrides[step or stage]` placed before them.
+    """`overrides` with the experiment's per-stage overrides placed before them.
 
-    Hydra applies overrides in order, so where both set a key the user's value wins.
+    A stage run alone gets `stage_overrides[<stage>]`; a step of a pipeline or an online run gets
+    those and then `stage_overrides[<step>]` (e.g. `teacher` on top of `sft`). Hydra applies
+    overrides in order, so where both set a key the user's value wins.
     """
-    extra = list(compose([f"stage={stage}", *overrides]).stage_overrides.get(step or stage, []))
-    return [f"stage={stage}", *extra, *overrides]
+    table = compose([f"stage={stage}", *overrides]).stage_overrides
+    keys = [stage] if step in (None, stage) else [stage, step]
+    return [f"stage={stage}", *[o for key in keys for o in table.get(key, [])], *overrides]
 
 
 def to_typed(cfg: DictConfig) -> PbkdConfig:

@@ -281,6 +281,9 @@ class PipelineConfig:
 
     # Demo only: fit the tiny teacher on gold solutions first. Off for a real (pretrained) teacher.
     train_teacher: bool = True
+    # Initialise the reward model's backbone from this pipeline's teacher or SFT student (a value
+    # head on a model that already solves the task); null keeps `model.rm` as configured.
+    rm_init: Optional[ModelRole] = None
 
 
 @dataclass

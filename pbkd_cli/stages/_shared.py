@@ -58,6 +58,7 @@ class ResponseSampler:
     def __init__(self, cfg: PbkdConfig, role: str, model=None, tokenizer=None):
         self.cfg = cfg
         self.tokenizer, self.model = tokenizer, model
+        self.generated_tokens = 0  # by the local model, for throughput figures
         self.api = endpoint(getattr(cfg.model, role).api, f"model.{role}.api")
         if self.api is None and model is None:
             self.tokenizer, self.model = load_lm(cfg, role)
@@ -76,6 +77,7 @@ class ResponseSampler:
                            num_samples=k, temperature=temperature, top_p=self.cfg.generation.top_p,
                            max_new_tokens=data.max_response_tokens, batch_size=self.cfg.generation.batch_size,
                            **({"progress": progress} if progress else {}))
+        self.generated_tokens += samples.generated_tokens
         return [samples.texts[i * k:(i + 1) * k] for i in range(len(examples))]
 
 

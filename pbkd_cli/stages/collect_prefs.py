@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from pathlib import Path
 
 from pbkd_cli.config.schema import Labeler, PbkdConfig, PrefsFormat
@@ -63,8 +64,10 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         chunk = examples[start:start + c.chunk_prompts]
         # A chunk's samples depend only on (seed, chunk start), so a redone chunk is the same chunk.
         seed_everything(cfg.seed * 1_000_003 + c.prompt_offset + start)
+        clock, tokens_before = time.perf_counter(), teacher.generated_tokens + student.generated_tokens
         teacher_texts = teacher.sample(chunk, c.samples_per_model, c.temperature)
         student_texts = student.sample(chunk, c.samples_per_model, c.temperature)
+        sampling_seconds = time.perf_counter() - clock
         ranked = rank(cfg, chunk, teacher_texts, student_texts, random.Random(cfg.seed + start))
         pairs = [
             PreferencePair(id=f"{ex.id}-it{c.iteration}-{j}", prompt=cfg.data.prompt_template.format(question=ex.question),
@@ -79,8 +82,10 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
             "samples_per_model": len(chunk) * c.samples_per_model,
         }
         writer.append_chunk(pairs, len(chunk), stats=correct)
-        run.tracker.log({"pairs": writer.pairs, "prompts": writer.prompts_done}, step=writer.prompts_done,
-                        prefix="prefs/")
+        tokens = teacher.generated_tokens + student.generated_tokens
+        run.tracker.log({"pairs": writer.pairs, "prompts": writer.prompts_done,
+                         "tokens_per_second": (tokens - tokens_before) / sampling_seconds},
+                        step=writer.prompts_done, prefix="prefs/")
 
     stats = writer.stats
     path = writer.finalize()

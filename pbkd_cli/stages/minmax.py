@@ -104,6 +104,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     started = time.time()
     for iteration in run.tracker.progress(range(1, c.iterations + 1), total=c.iterations, desc="minmax"):
         idx = next(prompt_batches)
+        clock = time.perf_counter()
         # 1. Student samples from pi_old.
         samples = generate(policy_engine.module, tokenizer, [student_prompts[i] for i in idx],
                            num_samples=c.samples_per_prompt, temperature=c.temperature,
@@ -117,6 +118,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         teacher_rm_batch = collate([reward_inputs.prompts[i] for i in idx for _ in range(k_teacher)],
                                    [r for i in idx for r in teacher_ids[i]], rm_pad).to(device)
 
+        seconds = {"sample": time.perf_counter() - clock}
+        clock = time.perf_counter()
         # 2. RM step: gradient ascent on the Lagrangian (a descent on its negative).
         rm_engine.train()
         for _ in range(c.rm_steps):
@@ -132,6 +135,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
             rm_engine.backward(loss)
             rm_engine.step()
 
+        seconds["rm_step"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         # 3. Student step: clipped policy gradient on the updated RM's rewards.
         rm_engine.eval()
         with torch.no_grad():
@@ -156,6 +161,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
                 policy_engine.step()
                 pg_metrics.append(metrics)
 
+        seconds["policy_step"] = time.perf_counter() - clock
         correct = [extract_answer(t) == examples[i].answer for t, i in zip(samples.texts, prompt_index)]
         figures = {
             **{f"rm/{k}": v for k, v in rm_metrics.items()},
@@ -169,7 +175,10 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         }
         history.append(figures)
         if iteration % trainer.log_every == 0 or iteration == c.iterations:
-            run.tracker.log({**figures, "seconds": time.time() - started}, iteration, prefix="minmax/")
+            timing = {f"time/{k}": v for k, v in seconds.items()}
+            timing["time/sample_tokens_per_second"] = samples.generated_tokens / seconds["sample"]
+            run.tracker.log({**figures, **timing, "time/elapsed": time.time() - started}, iteration,
+                            prefix="minmax/")
 
     save_model(policy_engine, tokenizer, run.dir / "model")
     save_model(rm_engine, rm_tokenizer, run.dir / "rm")

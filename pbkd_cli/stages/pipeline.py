@@ -10,8 +10,8 @@ stacked on one another.
 
 from __future__ import annotations
 
-from pbkd_cli.config.schema import PbkdConfig
-from pbkd_cli.io import atomic_write_text
+from pbkd_cli.config.schema import ModelRole, PbkdConfig
+from pbkd_cli.io import PbkdError, atomic_write_text
 from pbkd_cli.runner import Run
 from pbkd_cli.stages._steps import Steps
 
@@ -24,15 +24,19 @@ def comparison_table(methods: dict[str, dict]) -> str:
 
 def run(cfg: PbkdConfig, run: Run) -> dict:
     step = Steps(run)
-    teacher = []
+    teacher_dir = cfg.model.teacher.name_or_path
     if cfg.pipeline.train_teacher:
-        trained = step("teacher", "sft", ["sft.model=teacher", "sft.source=gold"])
-        teacher = [f"model.teacher.name_or_path={trained['model_dir']}"]
+        teacher_dir = step("teacher", "sft", ["sft.model=teacher", "sft.source=gold"])["model_dir"]
+    teacher = [f"model.teacher.name_or_path={teacher_dir}"] if teacher_dir else []
     vanilla = step("vanilla_kd", "sft", [*teacher, "sft.model=student", "sft.source=teacher"])
     sft_student = f"model.student.name_or_path={vanilla['model_dir']}"
 
     offline_prefs = step("offline_prefs", "collect_prefs", [*teacher, sft_student])
-    rm = step("train_rm", "train_rm", [f"train_rm.prefs_path={offline_prefs['prefs_path']}"])
+    backbone = {ModelRole.teacher: teacher_dir, ModelRole.student: vanilla["model_dir"]}.get(cfg.pipeline.rm_init)
+    if cfg.pipeline.rm_init is not None and backbone is None:
+        raise PbkdError("pipeline.rm_init=teacher: the teacher has no local weights to start the RM from")
+    rm = step("train_rm", "train_rm", [f"train_rm.prefs_path={offline_prefs['prefs_path']}",
+                                       *([f"model.rm.name_or_path={backbone}"] if backbone else [])])
     offline = step("pbkd_offline", "minmax", [
         *teacher, sft_student, f"model.rm.name_or_path={rm['model_dir']}",
         f"minmax.prefs_path={offline_prefs['prefs_path']}"])
