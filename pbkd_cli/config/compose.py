@@ -61,6 +61,8 @@ def compose(overrides: Iterable[str]) -> DictConfig:
             return hydra_compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_one_line(exc)) from exc
+    except (AssertionError, AttributeError) as exc:  # Hydra's reply to overriding inside a null node
+        raise ConfigError(f"cannot apply {' '.join(overrides)}: {exc or type(exc).__name__}") from exc
 
 
 def with_stage_overrides(stage: str, overrides: list[str], step: str | None = None) -> list[str]:

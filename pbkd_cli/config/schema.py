@@ -35,10 +35,13 @@ class TinyLlamaConfig:
 
 @dataclass
 class ApiConfig:
-    """An OpenAI-compatible chat-completions endpoint; the key comes from the `api_key_env` variable."""
+    """An OpenAI-compatible chat-completions endpoint; the key comes from the `api_key_env` variable.
 
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = "judge"
+    No `base_url` means no endpoint (for a model: load its weights locally).
+    """
+
+    base_url: Optional[str] = None
+    model: str = ""
     api_key_env: str = "OPENAI_API_KEY"
     timeout_s: float = 60.0
     max_retries: int = 3
@@ -58,7 +61,7 @@ class ModelConfig:
     attn_implementation: Optional[str] = "sdpa"
     # A black-box teacher served behind an OpenAI-compatible API instead of loaded weights
     # (teacher only: the student and the reward model are always local).
-    api: Optional[ApiConfig] = None
+    api: ApiConfig = field(default_factory=ApiConfig)
 
 
 @dataclass
@@ -212,6 +215,8 @@ class CollectPrefsConfig:
     """Sample k responses per prompt from teacher and student, rank them into pairs."""
 
     labeler: Labeler = Labeler.teacher_preferred
+    # correctness labeler: also require every written `a op b = c` step to hold.
+    check_equations: bool = True
     samples_per_model: int = 2
     temperature: float = 1.0
     max_pairs_per_prompt: int = 2
@@ -225,11 +230,18 @@ class CollectPrefsConfig:
     judge: ApiConfig = field(default_factory=ApiConfig)
 
 
+class RewardPooling(str, Enum):
+    last = "last"  # the value head at the last token (any sequence classifier)
+    mean = "mean"  # the mean of the value head over the response tokens
+
+
 @dataclass
 class TrainRMConfig:
     """Bradley-Terry MLE of the reward model `model.rm` on a preference file."""
 
     prefs_path: Optional[str] = None
+    # How a fresh value head turns per-token outputs into a reward (kept in the saved RM's config).
+    pooling: RewardPooling = RewardPooling.mean
     # Pairs held out (seeded) to report pairwise accuracy; the paper's bar is > 90% before min-max.
     heldout_fraction: float = 0.1
 
@@ -261,7 +273,7 @@ class MinMaxConfig:
     clip_eps: float = 0.2
     ppo_epochs: int = 2
     baseline: Baseline = Baseline.group_mean
-    normalize_advantages: bool = True
+    normalize_advantages: bool = False
     kl_coef: float = 0.01
 
 

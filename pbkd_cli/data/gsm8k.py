@@ -7,7 +7,9 @@ hub's format: one object per line with `question` and `answer`, the latter the w
 
 from __future__ import annotations
 
+import ast
 import json
+import operator
 import re
 from decimal import Decimal
 from itertools import islice
@@ -42,6 +44,45 @@ def extract_answer(text: str) -> str | None:
             return _normalise(after_marker.group())
     numbers = _NUMBER.findall(text)
     return _normalise(numbers[-1]) if numbers else None
+
+
+_NUM = r"\d+(?:\.\d+)?"
+# A whole left-hand side (numbers joined by + - * / x) then "= result"; it must not start mid-number.
+_EQUATION = re.compile(rf"(?<![\w.*/+-])((?:{_NUM}\s*[-+*/x]\s*)+{_NUM})\s*=\s*(-?{_NUM})")
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _evaluate(node: ast.AST) -> float:
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body)
+    if isinstance(node, ast.Constant):
+        return float(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        right = _evaluate(node.right)
+        if isinstance(node.op, ast.Div) and right == 0:
+            return float("nan")
+        return _OPERATORS[type(node.op)](_evaluate(node.left), right)
+    raise ValueError("not arithmetic")
+
+
+def equations_hold(text: str) -> bool:
+    """Whether every written `expression = result` in `text` is arithmetically true.
+
+    A right final answer reached through a wrong step ("18 + 12 = 31. 31 - 16 = 14") is not a right
+    solution; a rule-based math judge checks the steps too. Commas in numbers are ignored, `x`, `×`
+    mean times and `−` minus; operator precedence is Python's.
+    """
+    normalised = text.replace(",", "").replace("×", "x").replace("−", "-")
+    for expression, result in _EQUATION.findall(normalised):
+        # Numbers as float literals: "0900" is a time of day, not a syntax error.
+        expression = re.sub(_NUM, lambda m: repr(float(m.group())), expression.replace("x", "*"))
+        try:
+            value = _evaluate(ast.parse(expression, mode="eval"))
+        except (SyntaxError, ValueError):
+            continue  # not plain arithmetic after all: no verdict on it
+        if not abs(value - float(result)) <= 1e-6 * max(1.0, abs(float(result))):
+            return False
+    return True
 
 
 def strip_calculator_annotations(text: str) -> str:

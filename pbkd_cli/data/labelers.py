@@ -1,8 +1,8 @@
 """Rank a prompt's candidate responses into (chosen, rejected) pairs.
 
 - `teacher_preferred`: the teacher's response beats the student's (the paper's online setting).
-- `correctness`: a response whose final answer matches the gold answer beats one that does not,
-  whoever wrote it; prompts where all or none are right give no pair.
+- `correctness`: a response whose final answer matches the gold answer (and whose written steps
+  hold) beats one that does not, whoever wrote it; prompts where all or none are right give no pair.
 - `llm_judge`: an LLM behind an OpenAI-compatible API says which of two responses is better.
 """
 
@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from pbkd_cli.data.gsm8k import extract_answer
+from pbkd_cli.data.gsm8k import equations_hold, extract_answer
 from pbkd_cli.generation.openai_api import ChatEndpoint
 
 
@@ -33,10 +33,18 @@ def teacher_preferred(teacher: list[Candidate], student: list[Candidate], max_pa
     return [RankedPair(teacher[i % len(teacher)], s) for i, s in enumerate(student[:max_pairs])]
 
 
-def correctness(candidates: list[Candidate], answer: str, max_pairs: int) -> list[RankedPair]:
-    """Right answers over wrong ones; identical texts are never paired."""
-    right = [c for c in candidates if extract_answer(c.text) == answer]
-    wrong = [c for c in candidates if extract_answer(c.text) != answer]
+def is_correct(text: str, answer: str, check_equations: bool) -> bool:
+    return extract_answer(text) == answer and (not check_equations or equations_hold(text))
+
+
+def correctness(candidates: list[Candidate], answer: str, max_pairs: int,
+                check_equations: bool = True) -> list[RankedPair]:
+    """Right solutions over wrong ones; identical texts are never paired.
+
+    Right means the final answer matches and, with `check_equations`, every written step holds.
+    """
+    right = [c for c in candidates if is_correct(c.text, answer, check_equations)]
+    wrong = [c for c in candidates if not is_correct(c.text, answer, check_equations)]
     pairs = []
     for i in range(max(len(right), len(wrong))):
         if len(pairs) == max_pairs or not right or not wrong:

@@ -42,10 +42,10 @@ def minibatches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
 
 
 def endpoint(api, key: str):
-    """A `ChatEndpoint` for an `ApiConfig` (None stays None)."""
+    """A `ChatEndpoint` for an `ApiConfig`, or None when it names no `base_url`."""
     from pbkd_cli.generation.openai_api import ChatEndpoint
 
-    if api is None:
+    if api.base_url is None:
         return None
     return ChatEndpoint(base_url=api.base_url, model=api.model, api_key_env=api.api_key_env,
                         timeout_s=api.timeout_s, max_retries=api.max_retries, concurrency=api.concurrency,
@@ -87,7 +87,7 @@ def load_rm(cfg: PbkdConfig):
 
     tokenizer = load_tokenizer(cfg.model.rm, "model.rm", cfg.tokenizer,
                                corpus=lambda: tokenizer_corpus(cfg.data, cfg.tokenizer.corpus_size))
-    return tokenizer, load_reward_model(cfg.model.rm, tokenizer)
+    return tokenizer, load_reward_model(cfg.model.rm, tokenizer, cfg.train_rm.pooling)
 
 
 @torch.no_grad()
@@ -101,5 +101,5 @@ def batched_rewards(model, prompts: list[list[int]], responses: list[list[int]],
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = collate(prompts[start:start + batch_size], responses[start:start + batch_size], pad_id).to(device)
-        out.append(score(model, batch.input_ids, batch.attention_mask).cpu())
+        out.append(score(model, batch).cpu())
     return torch.cat(out) if out else torch.zeros(0)

@@ -34,11 +34,14 @@ def rank(cfg: PbkdConfig, examples, teacher_texts, student_texts, rng: random.Ra
         teacher = [labelers.Candidate(t, "teacher") for t in t_texts]
         student = [labelers.Candidate(s, "student") for s in s_texts]
         if c.labeler == Labeler.correctness:
-            per_example.append(labelers.correctness(teacher + student, ex.answer, c.max_pairs_per_prompt))
+            per_example.append(labelers.correctness(teacher + student, ex.answer, c.max_pairs_per_prompt,
+                                                    c.check_equations))
         else:
             per_example.append(labelers.teacher_preferred(teacher, student, c.max_pairs_per_prompt))
     if c.labeler == Labeler.llm_judge:
         judge = endpoint(c.judge, "collect_prefs.judge")
+        if judge is None:
+            raise PbkdError("collect_prefs.judge.base_url: the llm_judge labeler needs an endpoint")
         flat = [(ex.question, (p.chosen, p.rejected)) for ex, pairs in zip(examples, per_example) for p in pairs]
         verdicts = iter(labelers.judge_pairs(judge, [q for q, _ in flat], [p for _, p in flat], rng))
         per_example = [[v for v in (next(verdicts) for _ in pairs) if v is not None] for pairs in per_example]

@@ -127,10 +127,10 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
             pref_rows = [pref_prompts[i] for i in pb]
             pref = collate(pref_rows + pref_rows, [pref_chosen[i] for i in pb] + [pref_rejected[i] for i in pb],
                            rm_pad).to(device)
-            chosen_r, rejected_r = score(rm_engine, pref.input_ids, pref.attention_mask).chunk(2)
+            chosen_r, rejected_r = score(rm_engine, pref).chunk(2)
             loss, rm_metrics = rm_game_objective(
-                teacher_rewards=score(rm_engine, teacher_rm_batch.input_ids, teacher_rm_batch.attention_mask),
-                student_rewards=score(rm_engine, student_rm_batch.input_ids, student_rm_batch.attention_mask),
+                teacher_rewards=score(rm_engine, teacher_rm_batch),
+                student_rewards=score(rm_engine, student_rm_batch),
                 chosen_rewards=chosen_r, rejected_rewards=rejected_r, beta=c.beta, reward_l2=c.reward_l2)
             rm_engine.backward(loss)
             rm_engine.step()
@@ -140,7 +140,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         # 3. Student step: clipped policy gradient on the updated RM's rewards.
         rm_engine.eval()
         with torch.no_grad():
-            rewards = score(rm_engine.module, student_rm_batch.input_ids, student_rm_batch.attention_mask)
+            rewards = score(rm_engine.module, student_rm_batch)
         advantages = group_advantages(rewards, c.samples_per_prompt, normalize_std=c.normalize_advantages,
                                       leave_one_out=c.baseline == Baseline.leave_one_out)
         pg_metrics = []

@@ -52,7 +52,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     for step in run.tracker.progress(range(1, trainer.max_steps + 1), total=trainer.max_steps, desc="train-rm"):
         for _ in range(trainer.grad_accum):
             batch = pair_batch(prompts, chosen, rejected, next(batches), pad).to(engine.device)
-            rc, rr = score(engine, batch.input_ids, batch.attention_mask).chunk(2)
+            rc, rr = score(engine, batch).chunk(2)
             loss = bradley_terry_loss(rc, rr)
             engine.backward(loss)
             engine.step()

@@ -111,3 +111,27 @@ def test_load_real_train_split():
     assert examples[1].answer == "10" and "12/60 = $0.2 per minute" in examples[1].solution
     assert examples[2].answer == "5"
     assert {"1080", "109200000"} <= {ex.answer for ex in examples}  # "#### 1,080", "#### 109,200,000"
+
+
+@pytest.mark.parametrize("text, holds", [
+    ("8 - 6 = 2. 2 + 3 = 5. #### 5", True),
+    ("18 + 12 = 31. 31 - 16 = 14. #### 14", False),
+    ("She earns 12 * 3 = 36 dollars, 36 / 4 = 9 each. #### 9", True),
+    ("1,200 + 34 = 1,234", True),
+    ("10 / 4 = 2.5", True),
+    ("10 / 0 = 1", False),
+    ("no equations at all", True),
+    ("3 x 4 = 13", False),
+])
+def test_equations_hold(text, holds):
+    from pbkd_cli.data.gsm8k import equations_hold
+
+    assert equations_hold(text) is holds
+
+
+@needs_real_train
+def test_real_gsm8k_solutions_mostly_hold():
+    from pbkd_cli.data.gsm8k import equations_hold
+
+    examples = load_gsm8k("train", path=str(REAL_TRAIN), limit=300)
+    assert sum(equations_hold(ex.solution) for ex in examples) / len(examples) > 0.95

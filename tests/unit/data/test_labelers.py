@@ -1,13 +1,11 @@
-import json
 import random
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from pbkd_cli.data.labelers import Candidate, correctness, judge_pairs, parse_verdict, teacher_preferred
 from pbkd_cli.generation.openai_api import ChatEndpoint
 from pbkd_cli.io import PbkdError
+from tests.chat_server import chat_server
 
 T = [Candidate("5 + 3 = 8. #### 8", "teacher"), Candidate("5 + 3 = 8. #### 8!", "teacher")]
 S = [Candidate("5 + 3 = 9. #### 9", "student"), Candidate("5 + 3 = 8. #### 8 ok", "student"),
@@ -35,35 +33,17 @@ def test_parse_verdict():
     assert parse_verdict("neither") is None
 
 
-class Judge(BaseHTTPRequestHandler):
-    """A real HTTP judge on loopback: prefers the answer that ends in the right number (8)."""
-
-    calls = 0
-
-    def do_POST(self):
-        Judge.calls += 1
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        text = body["messages"][0]["content"]
-        a = text.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
-        verdict = "A" if a.rstrip("!ok ").endswith("8") else "B"
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
+def judge(body: dict, headers: dict) -> list[str]:
+    """Prefers the answer that ends in the right number (8)."""
+    text = body["messages"][0]["content"]
+    a = text.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
+    return ["A" if a.rstrip("!ok ").endswith("8") else "B"]
 
 
 @pytest.fixture()
 def judge_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with chat_server(judge) as url:
+        yield url
 
 
 def test_llm_judge_over_http_ranks_whatever_order_it_is_shown(judge_url):
@@ -80,3 +60,11 @@ def test_unreachable_endpoint_fails_with_one_line_naming_the_key():
                                         r"after 2 attempt\(s\)") as err:
         endpoint.complete([{"role": "user", "content": "hi"}])
     assert "\n" not in str(err.value)
+
+
+def test_correctness_also_checks_the_written_steps():
+    lucky = Candidate("18 + 12 = 31. 31 - 16 = 14. #### 14", "student")  # right answer, wrong step
+    right = Candidate("18 + 12 = 30. 30 - 16 = 14. #### 14", "teacher")
+    pairs = correctness([lucky, right], answer="14", max_pairs=2)
+    assert [(p.chosen, p.rejected) for p in pairs] == [(right, lucky)]
+    assert correctness([lucky, right], answer="14", max_pairs=2, check_equations=False) == []

@@ -1,0 +1,38 @@
+import torch
+
+from pbkd_cli.config.schema import ModelConfig, RewardPooling, TinyLlamaConfig
+from pbkd_cli.data.prompts import collate
+from pbkd_cli.models import build_bpe_tokenizer
+from pbkd_cli.models.reward import load_reward_model, score
+
+TEXTS = ["Question: Mia has 3 apples.\nAnswer: 3 + 2 = 5. #### 5"] * 10
+
+
+def tiny_rm(pooling: RewardPooling):
+    torch.manual_seed(0)
+    tokenizer = build_bpe_tokenizer(TEXTS, vocab_size=280)
+    cfg = ModelConfig(tiny=TinyLlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=2, intermediate_size=32))
+    return tokenizer, load_reward_model(cfg, tokenizer, pooling).eval()
+
+
+def test_mean_pooling_averages_the_head_over_response_tokens_only():
+    tokenizer, rm = tiny_rm(RewardPooling.mean)
+    batch = collate([[5, 6, 7], [8]], [[9, 10, 1], [11, 1]], tokenizer.pad_token_id)
+    rewards = score(rm, batch)
+    hidden = rm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    per_token = rm.score(hidden).squeeze(-1)
+    expected = torch.stack([per_token[0, 3:6].mean(), per_token[1, 1:3].mean()])
+    assert torch.allclose(rewards, expected, atol=1e-6)
+
+
+def test_last_pooling_is_the_sequence_classifier_output_and_pooling_survives_saving(tmp_path):
+    tokenizer, rm = tiny_rm(RewardPooling.last)
+    batch = collate([[5, 6, 7], [8]], [[9, 10, 1], [11, 1]], tokenizer.pad_token_id)
+    hidden = rm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    per_token = rm.score(hidden).squeeze(-1)
+    assert torch.allclose(score(rm, batch), torch.stack([per_token[0, 5], per_token[1, 2]]), atol=1e-6)
+    rm.save_pretrained(tmp_path)
+    reloaded = load_reward_model(ModelConfig(name_or_path=str(tmp_path)), tokenizer, RewardPooling.mean)
+    assert reloaded.config.reward_pooling == "last", "a trained RM keeps the pooling it was fitted with"
+    assert torch.allclose(score(reloaded.eval(), batch), score(rm, batch), atol=1e-6)
