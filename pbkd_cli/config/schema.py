@@ -174,6 +174,37 @@ class ResponseSource(str, Enum):
     teacher = "teacher"
 
 
+class Divergence(str, Enum):
+    fkl = "fkl"  # forward KL(p_T || q_S)
+    rkl = "rkl"  # reverse KL(q_S || p_T)
+    jsd = "jsd"  # generalised JSD(beta) of GKD
+    tvd = "tvd"  # total variation
+    skl = "skl"  # skew KL of DistiLLM
+    srkl = "srkl"  # skew reverse KL of DistiLLM
+
+
+@dataclass
+class KDConfig:
+    """White-box KD: match the teacher's next-token distribution, not just its sampled tokens.
+
+    loss = divergence(teacher || student) + ce_weight * CE(response tokens). The responses come
+    from `sft.source` (gold data or teacher samples), except that a fraction `on_policy_ratio`
+    (GKD's lambda) of the batches is sampled from the current student instead. The teacher must
+    share the student's tokenizer.
+    """
+
+    # null: plain SFT (cross-entropy only).
+    loss: Optional[Divergence] = None
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+    # Positions per chunk of full-vocabulary intermediates (a 150k vocabulary needs it); null: all at once.
+    chunk_size: Optional[int] = 1024
+    on_policy_ratio: float = 0.0
+    on_policy_temperature: float = 1.0
+
+
 @dataclass
 class SFTConfig:
     """Supervised fine-tuning of `model.<model>`, loss on response tokens only.
@@ -187,6 +218,7 @@ class SFTConfig:
     source: ResponseSource = ResponseSource.gold
     teacher_samples_per_prompt: int = 1
     teacher_temperature: float = 0.0
+    kd: KDConfig = field(default_factory=KDConfig)
 
 
 @dataclass
@@ -252,8 +284,23 @@ class Baseline(str, Enum):
 
 
 @dataclass
+class WhiteBoxConfig:
+    """MM PbKD (`variant=white_box`): the RM is a Q-function Q(s, .) over the vocabulary."""
+
+    # Discount of the implied reward r_Q(s, a) = Q(s, a) - gamma * E_{a'~pi_E} Q(s', a').
+    gamma: float = 1.0
+    # Student step = moment_matching_coef * on-policy moment matching + pg_coef * clipped PG.
+    moment_matching_coef: float = 1.0
+    pg_coef: float = 1.0
+
+
+@dataclass
 class MinMaxConfig:
-    """The offline PbKD game: RM ascent on the Lagrangian, student clipped policy gradient."""
+    """The offline PbKD game: RM ascent on the Lagrangian, student clipped policy gradient.
+
+    With `variant=white_box` the RM is the Q-function of MM PbKD and `reward_l2` bounds the
+    per-token moment terms E_{pi_E} Q(s, .) - Q(s, a) instead of the sequence rewards.
+    """
 
     prefs_path: Optional[str] = None
     iterations: int = 100
@@ -275,6 +322,7 @@ class MinMaxConfig:
     baseline: Baseline = Baseline.group_mean
     normalize_advantages: bool = False
     kl_coef: float = 0.01
+    white_box: WhiteBoxConfig = field(default_factory=WhiteBoxConfig)
 
 
 @dataclass
@@ -298,10 +346,19 @@ class PipelineConfig:
     rm_init: Optional[ModelRole] = None
 
 
+class Variant(str, Enum):
+    # The teacher is only seen through its text: the RM scores whole responses.
+    black_box = "black_box"
+    # The teacher's token probabilities are available: the RM is a Q-function (MM PbKD), and the
+    # pipeline adds the white-box KD baselines.
+    white_box = "white_box"
+
+
 @dataclass
 class PbkdConfig:
     stage: str = MISSING
     seed: int = 0
+    variant: Variant = Variant.black_box
     model: ModelsConfig = field(default_factory=ModelsConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)

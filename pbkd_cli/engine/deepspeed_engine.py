@@ -81,6 +81,25 @@ def build_engine(model: torch.nn.Module, trainer: TrainerConfig, ds: dict[str, A
     return engine
 
 
+def build_frozen_engine(model: torch.nn.Module, ds: dict[str, Any]):
+    """A model that only runs forward passes (the teacher of white-box KD, a reference policy).
+
+    Under ZeRO-3 it is partitioned across ranks like the trained models, so a teacher larger than
+    one device still fits; otherwise it is simply moved to this rank's device.
+    """
+    model.eval().requires_grad_(False)
+    zero = dict(ds.get("zero_optimization", {}))
+    if zero.get("stage", 0) != 3:
+        return model.to(inference_device())
+    deepspeed = _deepspeed()
+    zero.pop("offload_optimizer", None)  # nothing to optimise
+    config = {"zero_optimization": zero, "train_micro_batch_size_per_gpu": 1,
+              "steps_per_print": 10**9, **{k: ds[k] for k in ("bf16", "fp16") if k in ds}}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
 def save_model(engine_or_model, tokenizer, path: str | Path) -> None:
     """`save_pretrained` (safetensors) of an engine's module, gathering ZeRO-3 shards first."""
     from pbkd_cli.io import atomic_directory

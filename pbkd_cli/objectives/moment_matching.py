@@ -25,6 +25,13 @@ def expected_q(q_values: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return torch.einsum("btv,btv->bt", probs.to(dtype), q_values.to(dtype))
 
 
+def _moment_terms(q_values: torch.Tensor, teacher_probs: torch.Tensor, actions: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+    """`Σ_a πE(a|s_h) Q(s_h, a) − Q(s_h, a_h)` per position, `[B, T]`, zero off the mask."""
+    per_token = expected_q(q_values, teacher_probs) - _taken_q(q_values, actions, mask)
+    return per_token * mask.to(per_token.dtype)
+
+
 def moment_gap(q_values: torch.Tensor, teacher_probs: torch.Tensor, actions: torch.Tensor,
                mask: torch.Tensor) -> torch.Tensor:
     """Sample estimate of `J(πE, r) − J(π, r)` by the performance difference lemma:
@@ -33,8 +40,7 @@ def moment_gap(q_values: torch.Tensor, teacher_probs: torch.Tensor, actions: tor
 
     on sequences sampled from the student π (sum over the response, mean over the batch).
     """
-    per_token = expected_q(q_values, teacher_probs) - _taken_q(q_values, actions, mask)
-    return (per_token * mask.to(per_token.dtype)).sum(1).mean()
+    return _moment_terms(q_values, teacher_probs, actions, mask).sum(1).mean()
 
 
 def implied_rewards(q_values: torch.Tensor, teacher_probs: torch.Tensor, actions: torch.Tensor,
@@ -54,22 +60,29 @@ def implied_rewards(q_values: torch.Tensor, teacher_probs: torch.Tensor, actions
 
 def q_game_objective(q_values: torch.Tensor, teacher_probs: torch.Tensor, actions: torch.Tensor,
                      mask: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                     beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+                     beta: float, reward_l2: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss for the Q step: the negated Lagrangian that the Q head ascends,
 
-        objective = gap(Q; student samples) − β · L_BT(r_Q(τ_w), r_Q(τ_l)).
+        objective = gap(Q; student samples) − β · L_BT(r_Q(τ_w), r_Q(τ_l)) − reward_l2 · mean_h m_h²
+
+    with `m_h = Σ_a πE(a|s_h) Q(s_h, a) − Q(s_h, a_h)` the per-token moment term over the valid
+    positions of the student samples. Why the penalty: the gap is linear in Q, so without it Q can
+    grow the gap without bound on any token the student takes that the teacher would not.
 
     `q_values`, `teacher_probs`, `actions`, `mask` describe student samples (see `moment_gap`);
     `chosen_rewards` / `rejected_rewards` are `implied_rewards(...)` of the preference pairs, `[N]`
     each. Returns `(−objective, metrics)` with `moment_gap`, `bt_loss`, `q_accuracy`, `objective`.
     """
-    gap = moment_gap(q_values, teacher_probs, actions, mask)
+    terms = _moment_terms(q_values, teacher_probs, actions, mask)
+    gap = terms.sum(1).mean()
     bt_loss = bradley_terry_loss(chosen_rewards, rejected_rewards)
-    objective = gap - beta * bt_loss
+    penalty = terms.pow(2).sum() / mask.sum().clamp_min(1)
+    objective = gap - beta * bt_loss - reward_l2 * penalty
     metrics = {
         "moment_gap": gap.item(),
         "bt_loss": bt_loss.item(),
         "q_accuracy": pairwise_accuracy(chosen_rewards, rejected_rewards).item(),
+        "moment_l2": penalty.item(),
         "objective": objective.item(),
     }
     return -objective, metrics

@@ -16,12 +16,17 @@ from pbkd_cli.models.factory import parameter_count
 log = logging.getLogger("pbkd")
 
 
+def load_role_tokenizer(cfg: PbkdConfig, role: str):
+    """The tokenizer of `model.<role>`; from-scratch models get the one built from the task's corpus."""
+    return load_tokenizer(getattr(cfg.model, role), f"model.{role}", cfg.tokenizer,
+                          corpus=lambda: tokenizer_corpus(cfg.data, cfg.tokenizer.corpus_size))
+
+
 def load_lm(cfg: PbkdConfig, role: str):
-    """(tokenizer, causal LM) for `model.<role>`; from-scratch models get the task's tokenizer."""
+    """(tokenizer, causal LM) for `model.<role>`."""
     model_cfg = getattr(cfg.model, role)
     key = f"model.{role}"
-    tokenizer = load_tokenizer(model_cfg, key, cfg.tokenizer,
-                               corpus=lambda: tokenizer_corpus(cfg.data, cfg.tokenizer.corpus_size))
+    tokenizer = load_role_tokenizer(cfg, role)
     model = load_causal_lm(model_cfg, tokenizer, key)
     log.info("%s: %s (%.2fM parameters)", key, model_cfg.name_or_path or "tiny Llama from scratch",
              parameter_count(model) / 1e6)
@@ -85,21 +90,22 @@ def load_rm(cfg: PbkdConfig):
     """(tokenizer, reward model) for `model.rm`: a trained RM, or a value head on a backbone."""
     from pbkd_cli.models.reward import load_reward_model
 
-    tokenizer = load_tokenizer(cfg.model.rm, "model.rm", cfg.tokenizer,
-                               corpus=lambda: tokenizer_corpus(cfg.data, cfg.tokenizer.corpus_size))
+    tokenizer = load_role_tokenizer(cfg, "rm")
     return tokenizer, load_reward_model(cfg.model.rm, tokenizer, cfg.train_rm.pooling)
 
 
 @torch.no_grad()
 def batched_rewards(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                    batch_size: int) -> torch.Tensor:
-    """Rewards of many (prompt, response) rows without building a graph."""
+                    batch_size: int, reward=None) -> torch.Tensor:
+    """Rewards of many (prompt, response) rows without building a graph; `reward(model, batch)`
+    defaults to the scalar RM's `score`."""
     from pbkd_cli.data.prompts import collate
     from pbkd_cli.models.reward import score
 
+    reward = reward or score
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = collate(prompts[start:start + batch_size], responses[start:start + batch_size], pad_id).to(device)
-        out.append(score(model, batch).cpu())
+        out.append(reward(model, batch).cpu())
     return torch.cat(out) if out else torch.zeros(0)

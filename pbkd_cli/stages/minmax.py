@@ -8,44 +8,31 @@ Each iteration, on a batch of prompts:
   3. student step: rewards from the updated RM, advantages against the prompt's group baseline,
      clipped policy gradient (PPO-style) plus a KL penalty to the initial (SFT) policy.
 The RM starts at its MLE fit (`train-rm`); policy and RM have separate optimisers.
+With `variant=white_box` the game is MM PbKD's (see `mm_pbkd.py`).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
+import itertools
 import logging
 import time
 
 import torch
 
-from pbkd_cli.config.schema import Baseline, PbkdConfig
-from pbkd_cli.data.gsm8k import extract_answer
-from pbkd_cli.data.preferences import load_preferences
+from pbkd_cli.config.schema import Baseline, PbkdConfig, Variant
 from pbkd_cli.data.prompts import collate, encode_pairs, encode_prompts, encode_responses
-from pbkd_cli.data.tasks import load_examples
-from pbkd_cli.engine import build_engine, save_model
-from pbkd_cli.generation import generate
-from pbkd_cli.io import PbkdError
+from pbkd_cli.engine import save_model
 from pbkd_cli.models.reward import score
 from pbkd_cli.objectives.bradley_terry import pairwise_accuracy, rm_game_objective
 from pbkd_cli.objectives.policy_gradient import (clipped_policy_gradient_loss, group_advantages, kl_penalty,
                                                  sequence_logprobs)
 from pbkd_cli.runner import Run
+from pbkd_cli.stages import mm_pbkd
+from pbkd_cli.stages._game import (game_data, game_engines, log_iteration, mean_metrics, sample_figures,
+                                   sample_rollouts, settled, token_logprobs)
 from pbkd_cli.stages._shared import ResponseSampler, load_lm, load_rm, minibatches
 
 log = logging.getLogger("pbkd")
-
-
-@torch.no_grad()
-def token_logprobs(model, batch, micro_batch_size: int) -> torch.Tensor:
-    """log pi(a_t | s_t) of every response token of `batch` ([B, T-1], zero off the response)."""
-    out = []
-    for start in range(0, batch.input_ids.shape[0], micro_batch_size):
-        rows = slice(start, start + micro_batch_size)
-        logits = model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
-        out.append(sequence_logprobs(logits[:, :-1], batch.input_ids[rows, 1:], batch.response_mask[rows, 1:]))
-    return torch.cat(out)
 
 
 class RewardInputs:
@@ -62,56 +49,37 @@ class RewardInputs:
 
 
 def run(cfg: PbkdConfig, run: Run) -> dict:
+    if cfg.variant == Variant.white_box:
+        return mm_pbkd.run(cfg, run)
     c, trainer = cfg.minmax, cfg.trainer
-    if c.prefs_path is None:
-        raise PbkdError("minmax.prefs_path: set it to the preference file the RM was fitted on")
+    examples, pairs = game_data(cfg)
     rollouts = c.prompts_per_iteration * c.samples_per_prompt
-    if rollouts % trainer.micro_batch_size:
-        raise PbkdError(f"trainer.micro_batch_size={trainer.micro_batch_size} must divide "
-                        f"minmax.prompts_per_iteration * minmax.samples_per_prompt = {rollouts}")
-    end = None if c.num_prompts is None else c.prompt_offset + c.num_prompts
-    examples = load_examples(cfg.data, "train")[c.prompt_offset:end]
-    if len(examples) < c.prompts_per_iteration:
-        raise PbkdError(f"minmax.prompts_per_iteration={c.prompts_per_iteration}: only {len(examples)} prompts")
-    pairs = load_preferences(c.prefs_path, "minmax.prefs_path")
 
     tokenizer, policy = load_lm(cfg, "student")
     rm_tokenizer, rm = load_rm(cfg)
     reward_inputs = RewardInputs(cfg, examples, rm_tokenizer, tokenizer)
-    pad, rm_pad = tokenizer.pad_token_id, rm_tokenizer.pad_token_id
+    rm_pad = rm_tokenizer.pad_token_id
 
-    # Teacher responses tau_E for every prompt, sampled once: the teacher does not change.
+    # The prompt batches of the whole game are drawn up front, so that the teacher answers only the
+    # prompts the game visits, once each: the teacher does not change.
+    schedule = list(itertools.islice(minibatches(len(examples), c.prompts_per_iteration, cfg.seed), c.iterations))
+    visited = sorted({i for idx in schedule for i in idx})
     k_teacher = c.teacher_samples_per_prompt
-    teacher_texts = ResponseSampler(cfg, "teacher").sample(examples, k_teacher, c.temperature)
-    teacher_ids = [encode_responses(texts, cfg.data, rm_tokenizer) for texts in teacher_texts]
+    teacher_texts = ResponseSampler(cfg, "teacher").sample([examples[i] for i in visited], k_teacher, c.temperature)
+    teacher_ids = {i: encode_responses(texts, cfg.data, rm_tokenizer) for i, texts in zip(visited, teacher_texts)}
     pref_prompts, pref_chosen, pref_rejected = encode_pairs(pairs, cfg.data, rm_tokenizer)
     student_prompts = encode_prompts(examples, cfg.data, tokenizer)
 
-    reference = copy.deepcopy(policy).eval().requires_grad_(False) if c.kl_coef > 0 else None
-    policy_engine = build_engine(policy, dataclasses.replace(
-        trainer, grad_accum=rollouts // trainer.micro_batch_size, max_steps=c.iterations * c.ppo_epochs),
-        cfg.deepspeed)
-    rm_engine = build_engine(rm, dataclasses.replace(
-        trainer, lr=c.rm_lr, grad_accum=1, micro_batch_size=c.prompts_per_iteration,
-        max_steps=c.iterations * c.rm_steps), cfg.deepspeed)
-    if reference is not None:
-        reference.to(policy_engine.device)
+    policy_engine, rm_engine, reference = game_engines(cfg, policy, rm)
     device = policy_engine.device
 
-    prompt_batches = minibatches(len(examples), c.prompts_per_iteration, cfg.seed)
     pref_batches = minibatches(len(pairs), min(c.rm_pref_batch, len(pairs)), cfg.seed + 1)
     history: list[dict] = []
     started = time.time()
-    for iteration in run.tracker.progress(range(1, c.iterations + 1), total=c.iterations, desc="minmax"):
-        idx = next(prompt_batches)
+    for iteration, idx in run.tracker.progress(enumerate(schedule, start=1), total=c.iterations, desc="minmax"):
         clock = time.perf_counter()
         # 1. Student samples from pi_old.
-        samples = generate(policy_engine.module, tokenizer, [student_prompts[i] for i in idx],
-                           num_samples=c.samples_per_prompt, temperature=c.temperature,
-                           top_p=cfg.generation.top_p, max_new_tokens=cfg.data.max_response_tokens,
-                           batch_size=cfg.generation.batch_size)
-        prompt_index = [i for i in idx for _ in range(c.samples_per_prompt)]
-        rollout = collate(samples.prompt_ids, samples.response_ids, pad).to(device)
+        samples, prompt_index, rollout = sample_rollouts(cfg, policy_engine, tokenizer, student_prompts, idx)
         old_logprobs = token_logprobs(policy_engine.module, rollout, trainer.micro_batch_size)
         ref_logprobs = token_logprobs(reference, rollout, trainer.micro_batch_size) if reference else None
         student_rm_batch = reward_inputs.batch(prompt_index, samples.response_ids, samples.texts).to(device)
@@ -162,27 +130,16 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
                 pg_metrics.append(metrics)
 
         seconds["policy_step"] = time.perf_counter() - clock
-        correct = [extract_answer(t) == examples[i].answer for t, i in zip(samples.texts, prompt_index)]
         figures = {
             **{f"rm/{k}": v for k, v in rm_metrics.items()},
             "rm/pref_accuracy": pairwise_accuracy(chosen_r, rejected_r).item(),
-            **{f"pg/{k}": sum(m[k] for m in pg_metrics) / len(pg_metrics) for k in pg_metrics[0]},
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item(),
-            "sample/length": samples.generated_tokens / len(samples.response_ids),
-            "sample/accuracy": sum(correct) / len(correct),
-            "sample/finished": sum(samples.finished) / len(samples.finished),
+            **{f"pg/{k}": v for k, v in mean_metrics(pg_metrics).items()},
+            **sample_figures(samples, examples, prompt_index, rewards),
         }
         history.append(figures)
-        if iteration % trainer.log_every == 0 or iteration == c.iterations:
-            timing = {f"time/{k}": v for k, v in seconds.items()}
-            timing["time/sample_tokens_per_second"] = samples.generated_tokens / seconds["sample"]
-            run.tracker.log({**figures, **timing, "time/elapsed": time.time() - started}, iteration,
-                            prefix="minmax/")
+        log_iteration(run, cfg, iteration, figures, seconds, samples, started)
 
     save_model(policy_engine, tokenizer, run.dir / "model")
     save_model(rm_engine, rm_tokenizer, run.dir / "rm")
-    tail = history[-max(1, len(history) // 5):]  # the last fifth of the game, where it has settled
-    summary = {key: round(sum(h[key] for h in tail) / len(tail), 6) for key in tail[0]}
     return {"iterations": c.iterations, "model_dir": str(run.dir / "model"), "rm_dir": str(run.dir / "rm"),
-            "final": summary}
+            "final": settled(history)}

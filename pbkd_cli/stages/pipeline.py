@@ -1,16 +1,18 @@
 """Every method of the comparison, each step in its own subdirectory, ending with the table.
 
     teacher (demo: fitted on gold) -> vanilla KD (SFT on teacher samples)
+      [white_box: -> FKL, RKL (white-box KD on the same teacher samples)]
       -> offline preferences -> RM by MLE -> min-max              = PbKD offline
       -> T x (collect with the current student, refit, min-max)   = PbKD online
     -> exact-match evaluation of every model
-Both PbKD variants start from the vanilla-KD student, so the table compares methods, not budgets
-stacked on one another.
+Both PbKD variants start from the SFT student (black box: vanilla KD; white box: FKL, the
+white-box SFT), so the table compares methods, not budgets stacked on one another. With
+`variant=white_box` the RM is MM PbKD's Q-function, pre-trained by `train_rm` on the offline pairs.
 """
 
 from __future__ import annotations
 
-from pbkd_cli.config.schema import ModelRole, PbkdConfig
+from pbkd_cli.config.schema import ModelRole, PbkdConfig, Variant
 from pbkd_cli.io import PbkdError, atomic_write_text
 from pbkd_cli.runner import Run
 from pbkd_cli.stages._steps import Steps
@@ -29,10 +31,16 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         teacher_dir = step("teacher", "sft", ["sft.model=teacher", "sft.source=gold"])["model_dir"]
     teacher = [f"model.teacher.name_or_path={teacher_dir}"] if teacher_dir else []
     vanilla = step("vanilla_kd", "sft", [*teacher, "sft.model=student", "sft.source=teacher"])
-    sft_student = f"model.student.name_or_path={vanilla['model_dir']}"
+    white_box = {}
+    if cfg.variant == Variant.white_box:
+        for loss in ("fkl", "rkl"):
+            white_box[loss.upper()] = step(f"kd_{loss}", "sft", [*teacher, "sft.model=student", "sft.source=teacher",
+                                                                 f"sft.kd.loss={loss}"])
+    start = white_box.get("FKL", vanilla)
+    sft_student = f"model.student.name_or_path={start['model_dir']}"
 
     offline_prefs = step("offline_prefs", "collect_prefs", [*teacher, sft_student])
-    backbone = {ModelRole.teacher: teacher_dir, ModelRole.student: vanilla["model_dir"]}.get(cfg.pipeline.rm_init)
+    backbone = {ModelRole.teacher: teacher_dir, ModelRole.student: start["model_dir"]}.get(cfg.pipeline.rm_init)
     if cfg.pipeline.rm_init is not None and backbone is None:
         raise PbkdError("pipeline.rm_init=teacher: the teacher has no local weights to start the RM from")
     rm = step("train_rm", "train_rm", [f"train_rm.prefs_path={offline_prefs['prefs_path']}",
@@ -46,7 +54,9 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         # Online rounds ask fresh prompts, after the ones the offline pairs used.
         f"collect_prefs.prompt_offset={offline_prefs['prompts']}"])
 
-    students = {"base student": None, "vanilla KD": vanilla, "PbKD offline": offline, "PbKD online": online}
+    pbkd = "MM PbKD" if cfg.variant == Variant.white_box else "PbKD"
+    students = {"base student": None, "vanilla KD": vanilla, **white_box, f"{pbkd} offline": offline,
+                f"{pbkd} online": online}
     methods = {}
     for name, trained_run in {"teacher": None, **students}.items():
         role = "teacher" if name == "teacher" else "student"
@@ -57,4 +67,4 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     table = comparison_table(methods)
     atomic_write_text(run.dir / "comparison.md", table)
     print(f"\nAccuracy on the {cfg.eval.split} split ({run.dir}):\n\n{table}", flush=True)
-    return {"methods": methods, "rm_heldout_accuracy": rm.get("heldout_accuracy")}
+    return {"variant": cfg.variant.value, "methods": methods, "rm_heldout_accuracy": rm.get("heldout_accuracy")}

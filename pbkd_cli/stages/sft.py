@@ -2,28 +2,37 @@
 
 With `sft.source=teacher` the responses are sampled from the teacher first, which makes this
 stage vanilla black-box KD (the paper's baseline and PbKD's starting point).
+
+With `sft.kd.loss` set it is white-box KD: on each response token the student's next-token
+distribution is pulled towards the teacher's by a divergence (FKL, RKL, JSD, TVD, SKL, SRKL),
+plus `ce_weight` times the cross-entropy; a fraction `on_policy_ratio` of the batches has its
+responses sampled from the current student (GKD's on-policy mix).
 """
 
 from __future__ import annotations
 
+import random
 import time
 
 import torch
 
-from pbkd_cli.config.schema import PbkdConfig, ResponseSource
+from pbkd_cli.config.schema import Divergence, KDConfig, PbkdConfig, ResponseSource
 from pbkd_cli.data.prompts import collate, encode_prompts, encode_responses, gold_response
 from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import build_engine, save_model
+from pbkd_cli.generation import generate
 from pbkd_cli.io import PbkdError, write_jsonl
+from pbkd_cli.objectives.divergences import distillation_loss
 from pbkd_cli.objectives.language_modeling import response_nll_loss
 from pbkd_cli.runner import Run
 from pbkd_cli.stages._shared import ResponseSampler, load_lm, minibatches
+from pbkd_cli.stages._white_box import load_teacher, next_token_logits
 
 
-def teacher_responses(cfg: PbkdConfig, run: Run, examples) -> tuple[list, list[str]]:
+def teacher_responses(cfg: PbkdConfig, run: Run, examples, sampler: ResponseSampler) -> tuple[list, list[str]]:
     """Sample the teacher's answers to the training prompts (saved beside the run for inspection)."""
     k = cfg.sft.teacher_samples_per_prompt
-    texts = ResponseSampler(cfg, "teacher").sample(
+    texts = sampler.sample(
         examples, k, cfg.sft.teacher_temperature,
         progress=lambda it, total: run.tracker.progress(it, total, desc="teacher samples"))
     repeated = [ex for ex in examples for _ in range(k)]
@@ -31,6 +40,19 @@ def teacher_responses(cfg: PbkdConfig, run: Run, examples) -> tuple[list, list[s
     write_jsonl(run.dir / "teacher_responses.jsonl",
                 [{"id": ex.id, "question": ex.question, "response": text} for ex, text in zip(repeated, flat)])
     return repeated, flat
+
+
+def divergence_parameters(kd: KDConfig) -> dict[str, float]:
+    return {Divergence.jsd: {"beta": kd.jsd_beta}, Divergence.skl: {"alpha": kd.skew_alpha},
+            Divergence.srkl: {"alpha": kd.skew_alpha}}.get(kd.loss, {})
+
+
+def student_responses(engine, tokenizer, prompts, cfg: PbkdConfig) -> list[list[int]]:
+    """On-policy responses of the current student (GKD), one per prompt."""
+    samples = generate(engine.module, tokenizer, prompts, num_samples=1, temperature=cfg.sft.kd.on_policy_temperature,
+                       top_p=cfg.generation.top_p, max_new_tokens=cfg.data.max_response_tokens,
+                       batch_size=cfg.generation.batch_size)
+    return samples.response_ids
 
 
 @torch.no_grad()
@@ -48,37 +70,59 @@ def mean_response_nll(model, prompts, responses, pad_id, batch_size, device) -> 
 def run(cfg: PbkdConfig, run: Run) -> dict:
     role = cfg.sft.model.value
     tokenizer, policy = load_lm(cfg, role)
+    kd, trainer = cfg.sft.kd, cfg.trainer
+    if kd.loss is None and kd.on_policy_ratio > 0:
+        raise PbkdError("sft.kd.on_policy_ratio: on-policy samples need a white-box loss (set sft.kd.loss)")
     examples = load_examples(cfg.data, "train")
     if not examples:
         raise PbkdError("data: the train split is empty")
+    teacher = load_teacher(cfg, tokenizer) if kd.loss is not None else None
     if cfg.sft.source == ResponseSource.teacher:
         if role == "teacher":
             raise PbkdError("sft.source=teacher: the teacher cannot be distilled into itself (set sft.model=student)")
-        examples, responses = teacher_responses(cfg, run, examples)
+        # White-box KD reads the same teacher's logits: load it once.
+        shared = {} if teacher is None else {"model": getattr(teacher, "module", teacher), "tokenizer": tokenizer}
+        sampler = ResponseSampler(cfg, "teacher", **shared)
+        examples, responses = teacher_responses(cfg, run, examples, sampler)
     else:
         responses = [gold_response(ex) for ex in examples]
     prompts = encode_prompts(examples, cfg.data, tokenizer)
     targets = encode_responses(responses, cfg.data, tokenizer)
 
-    trainer = cfg.trainer
     engine = build_engine(policy, trainer, cfg.deepspeed)
     batches = minibatches(len(prompts), trainer.micro_batch_size, cfg.seed)
+    on_policy = random.Random(cfg.seed)
     window, started, tokens = [], time.time(), 0
     for step in run.tracker.progress(range(1, trainer.max_steps + 1), total=trainer.max_steps, desc="sft"):
         for _ in range(trainer.grad_accum):
             idx = next(batches)
-            batch = collate([prompts[i] for i in idx], [targets[i] for i in idx], tokenizer.pad_token_id)
-            batch = batch.to(engine.device)
+            batch_prompts = [prompts[i] for i in idx]
+            if teacher is not None and on_policy.random() < kd.on_policy_ratio:
+                batch_targets = student_responses(engine, tokenizer, batch_prompts, cfg)
+            else:
+                batch_targets = [targets[i] for i in idx]
+            batch = collate(batch_prompts, batch_targets, tokenizer.pad_token_id).to(engine.device)
             logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             loss, metrics = response_nll_loss(logits, batch.input_ids, batch.response_mask)
+            if teacher is not None:
+                vocab = len(tokenizer)
+                with torch.no_grad():
+                    teacher_logits = next_token_logits(teacher, batch, vocab)
+                divergence = distillation_loss(kd.loss.value, logits[:, :-1, :vocab], teacher_logits,
+                                               batch.response_mask[:, 1:], temperature=kd.temperature,
+                                               chunk_size=kd.chunk_size, **divergence_parameters(kd))
+                metrics = {"ce": metrics["loss"], kd.loss.value: divergence.item()}
+                loss = divergence + kd.ce_weight * loss
+                metrics["loss"] = loss.item()
             engine.backward(loss)
             engine.step()
-            window.append(metrics["loss"])
+            window.append(metrics)
             tokens += int(batch.attention_mask.sum())
         if step % trainer.log_every == 0 or step == trainer.max_steps:
-            run.tracker.log({"loss": sum(window) / len(window), "lr": engine.get_lr()[0],
+            means = {key: sum(m[key] for m in window) / len(window) for key in window[0]}
+            run.tracker.log({**means, "lr": engine.get_lr()[0],
                              "tokens_per_second": tokens / (time.time() - started)}, step, prefix="sft/")
-            last_loss, window = sum(window) / len(window), []
+            last_loss, window = means["loss"], []
 
     save_model(engine, tokenizer, run.dir / "model")
     test = load_examples(cfg.data, "test")
@@ -89,6 +133,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     return {
         "model": role,
         "source": cfg.sft.source.value,
+        "kd_loss": kd.loss.value if kd.loss is not None else None,
         "train_pairs": len(prompts),
         "steps": trainer.max_steps,
         "final_train_loss": round(last_loss, 6),

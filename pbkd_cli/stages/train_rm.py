@@ -2,6 +2,10 @@
 
 The fitted loss L_r(D) is the centre of the confidence set R(D) = {r : L_r(D) <= min L + zeta} that
 the min-max stage keeps the RM near (through its beta * L_BT term).
+
+With `variant=white_box` the RM is MM PbKD's Q-function and r is the reward it implies,
+r_Q(x, y) = sum_h Q(s_h, a_h) - gamma * E_{a~pi_E} Q(s_{h+1}, a): this is the Q-head pre-training
+on the offline preferences that the paper asks for before the white-box game.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import random
 
 import torch
 
-from pbkd_cli.config.schema import PbkdConfig
+from pbkd_cli.config.schema import PbkdConfig, Variant
 from pbkd_cli.data.preferences import load_preferences
 from pbkd_cli.data.prompts import collate, encode_pairs
 from pbkd_cli.engine import build_engine, save_model
@@ -18,7 +22,8 @@ from pbkd_cli.io import PbkdError
 from pbkd_cli.models.reward import score
 from pbkd_cli.objectives.bradley_terry import bradley_terry_loss, pairwise_accuracy
 from pbkd_cli.runner import Run
-from pbkd_cli.stages._shared import batched_rewards, load_rm, minibatches
+from pbkd_cli.stages._shared import batched_rewards, load_rm, load_role_tokenizer, minibatches
+from pbkd_cli.stages._white_box import ImpliedRewards, load_q_model, load_teacher
 
 
 def pair_batch(prompts, chosen, rejected, idx, pad_id):
@@ -27,9 +32,9 @@ def pair_batch(prompts, chosen, rejected, idx, pad_id):
     return collate(rows + rows, [chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id)
 
 
-def bt_figures(model, prompts, chosen, rejected, pad_id, batch_size) -> dict[str, float]:
-    rc = batched_rewards(model, prompts, chosen, pad_id, batch_size)
-    rr = batched_rewards(model, prompts, rejected, pad_id, batch_size)
+def bt_figures(model, prompts, chosen, rejected, pad_id, batch_size, reward) -> dict[str, float]:
+    rc = batched_rewards(model, prompts, chosen, pad_id, batch_size, reward)
+    rr = batched_rewards(model, prompts, rejected, pad_id, batch_size, reward)
     return {"bt_loss": bradley_terry_loss(rc, rr).item(), "accuracy": pairwise_accuracy(rc, rr).item(),
             "margin": (rc - rr).mean().item()}
 
@@ -43,7 +48,12 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     n_heldout = int(len(pairs) * cfg.train_rm.heldout_fraction)
     heldout, train = [pairs[i] for i in order[:n_heldout]], [pairs[i] for i in order[n_heldout:]]
 
-    tokenizer, rm = load_rm(cfg)
+    if cfg.variant == Variant.white_box:
+        tokenizer, rm = load_q_model(cfg, load_role_tokenizer(cfg, "student"))
+        reward = ImpliedRewards(load_teacher(cfg, tokenizer), len(tokenizer), cfg.minmax.white_box.gamma)
+    else:
+        tokenizer, rm = load_rm(cfg)
+        reward = score
     prompts, chosen, rejected = encode_pairs(train, cfg.data, tokenizer)
     pad = tokenizer.pad_token_id
     trainer = cfg.trainer
@@ -52,7 +62,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     for step in run.tracker.progress(range(1, trainer.max_steps + 1), total=trainer.max_steps, desc="train-rm"):
         for _ in range(trainer.grad_accum):
             batch = pair_batch(prompts, chosen, rejected, next(batches), pad).to(engine.device)
-            rc, rr = score(engine, batch).chunk(2)
+            rc, rr = reward(engine, batch).chunk(2)
             loss = bradley_terry_loss(rc, rr)
             engine.backward(loss)
             engine.step()
@@ -63,7 +73,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     save_model(engine, tokenizer, run.dir / "model")
     engine.module.eval()
     batch_size = cfg.generation.batch_size
-    fit = bt_figures(engine.module, prompts, chosen, rejected, pad, batch_size)
+    fit = bt_figures(engine.module, prompts, chosen, rejected, pad, batch_size, reward)
     summary = {
         "prefs_path": str(cfg.train_rm.prefs_path),
         "train_pairs": len(train),
@@ -74,6 +84,6 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         "model_dir": str(run.dir / "model"),
     }
     if heldout:
-        held = bt_figures(engine.module, *encode_pairs(heldout, cfg.data, tokenizer), pad, batch_size)
+        held = bt_figures(engine.module, *encode_pairs(heldout, cfg.data, tokenizer), pad, batch_size, reward)
         summary.update(heldout_accuracy=round(held["accuracy"], 6), heldout_bt_loss=round(held["bt_loss"], 6))
     return summary

@@ -117,6 +117,23 @@ def test_q_game_objective_is_the_negated_lagrangian():
         assert grad_q[b, h].sum().abs() < 1e-12  # Σ_a (1[a = a_h] − πE(a)) = 0
 
 
+def test_q_game_penalty_is_the_mean_squared_moment_term():
+    q, teacher_probs, actions = game(9)
+    pair_rewards = implied_rewards(*game(10), MASK)
+    chosen, rejected = pair_rewards[:2], pair_rewards[1:]
+    plain, _ = q_game_objective(q, teacher_probs, actions, MASK, chosen, rejected, beta=0.5)
+    penalised, metrics = q_game_objective(q, teacher_probs, actions, MASK, chosen, rejected, beta=0.5,
+                                          reward_l2=0.3)
+    terms = [loop_value(q, teacher_probs, b, h) - q[b, h, actions[b, h]] for b, h in MASK.nonzero().tolist()]
+    mean_square = sum(t ** 2 for t in terms) / len(terms)
+    torch.testing.assert_close(penalised, plain + 0.3 * mean_square)
+    assert metrics["moment_l2"] == pytest.approx(mean_square.item())
+    # The penalty pulls Q towards zero moment terms: scaling Q up raises it quadratically.
+    big, _ = q_game_objective(10 * q, teacher_probs, actions, MASK, chosen, rejected, beta=0.0, reward_l2=1.0)
+    small, _ = q_game_objective(q, teacher_probs, actions, MASK, chosen, rejected, beta=0.0, reward_l2=1.0)
+    assert big > small
+
+
 def test_student_moment_matching_loss_matches_a_loop_and_leaves_q_alone():
     q, teacher_probs, _ = game(7)
     g = torch.Generator().manual_seed(8)

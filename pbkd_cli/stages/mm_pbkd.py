@@ -1,0 +1,127 @@
+"""MM PbKD, the white-box game (METHOD.md, "White-box: MM PbKD"): the RM becomes a Q-function.
+
+    min_pi  max_{Q in Q(D)}  E_{tau~pi} sum_h ( sum_a pi_E(a|s_h) Q(s_h, a) - Q(s_h, a_h) )
+
+Q(s, .) is the logits of a causal LM (`model.rm`; the pipeline starts it from the teacher and
+pre-trains it on the offline preferences with `train-rm variant=white_box`). Its implied reward
+r_Q(s_h, a_h) = Q(s_h, a_h) - gamma * E_{a~pi_E} Q(s_{h+1}, a) gives the preference term.
+Each iteration, on a batch of prompts:
+  1. sample k responses per prompt from the current student (pi_old); the teacher's
+     next-token probabilities on them;
+  2. Q step: ascend  moment gap - beta * L_BT(r_Q; preference batch) - reward_l2 * mean moment^2;
+  3. student step: on-policy moment matching (sum_a pi(a|s_h) Q(s_h, a), differentiable in pi)
+     plus the clipped policy gradient of the implied sequence reward (group baseline), plus a KL
+     penalty to the initial policy; `white_box.moment_matching_coef` and `pg_coef` weigh the two.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pbkd_cli.config.schema import Baseline, PbkdConfig
+from pbkd_cli.data.prompts import TokenBatch, collate, encode_pairs, encode_prompts
+from pbkd_cli.engine import save_model
+from pbkd_cli.objectives.bradley_terry import pairwise_accuracy
+from pbkd_cli.objectives.moment_matching import implied_rewards, q_game_objective, student_moment_matching_loss
+from pbkd_cli.objectives.policy_gradient import (clipped_policy_gradient_loss, group_advantages, kl_penalty,
+                                                 sequence_logprobs)
+from pbkd_cli.runner import Run
+from pbkd_cli.stages._game import (game_data, game_engines, log_iteration, mean_metrics, sample_figures,
+                                   sample_rollouts, settled, token_logprobs)
+from pbkd_cli.stages._shared import load_lm, minibatches
+from pbkd_cli.stages._white_box import ImpliedRewards, load_q_model, load_teacher, next_token_logits, teacher_probs
+
+
+def rows_of(batch: TokenBatch, rows: slice) -> TokenBatch:
+    return TokenBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows])
+
+
+def run(cfg: PbkdConfig, run: Run) -> dict:
+    c, w, trainer = cfg.minmax, cfg.minmax.white_box, cfg.trainer
+    examples, pairs = game_data(cfg)
+    rollouts = c.prompts_per_iteration * c.samples_per_prompt
+
+    tokenizer, policy = load_lm(cfg, "student")
+    _, q_model = load_q_model(cfg, tokenizer)
+    teacher = load_teacher(cfg, tokenizer)
+    vocab, pad = len(tokenizer), tokenizer.pad_token_id
+    pair_rewards = ImpliedRewards(teacher, vocab, w.gamma)
+    pref_prompts, pref_chosen, pref_rejected = encode_pairs(pairs, cfg.data, tokenizer)
+    student_prompts = encode_prompts(examples, cfg.data, tokenizer)
+
+    policy_engine, q_engine, reference = game_engines(cfg, policy, q_model)
+    device = policy_engine.device
+
+    prompt_batches = minibatches(len(examples), c.prompts_per_iteration, cfg.seed)
+    pref_batches = minibatches(len(pairs), min(c.rm_pref_batch, len(pairs)), cfg.seed + 1)
+    history: list[dict] = []
+    started = time.time()
+    for iteration in run.tracker.progress(range(1, c.iterations + 1), total=c.iterations, desc="mm-pbkd"):
+        idx = next(prompt_batches)
+        clock = time.perf_counter()
+        # 1. Student samples from pi_old, and the teacher's distribution at every state they visit.
+        samples, prompt_index, rollout = sample_rollouts(cfg, policy_engine, tokenizer, student_prompts, idx)
+        actions, mask = rollout.input_ids[:, 1:], rollout.response_mask[:, 1:]
+        old_logprobs = token_logprobs(policy_engine.module, rollout, trainer.micro_batch_size, vocab)
+        ref_logprobs = token_logprobs(reference, rollout, trainer.micro_batch_size, vocab) if reference else None
+        expert_probs = teacher_probs(teacher, rollout, vocab)
+
+        seconds = {"sample": time.perf_counter() - clock}
+        clock = time.perf_counter()
+        # 2. Q step: gradient ascent on the Lagrangian (a descent on its negative).
+        q_engine.train()
+        for _ in range(c.rm_steps):
+            pb = next(pref_batches)
+            pref_rows = [pref_prompts[i] for i in pb]
+            pref = collate(pref_rows + pref_rows, [pref_chosen[i] for i in pb] + [pref_rejected[i] for i in pb],
+                           pad).to(device)
+            chosen_r, rejected_r = pair_rewards(q_engine, pref).chunk(2)
+            loss, q_metrics = q_game_objective(next_token_logits(q_engine, rollout, vocab), expert_probs, actions,
+                                               mask, chosen_r, rejected_r, beta=c.beta, reward_l2=c.reward_l2)
+            q_engine.backward(loss)
+            q_engine.step()
+
+        seconds["q_step"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        # 3. Student step: moment matching against the updated Q, and the PG of its implied reward.
+        q_engine.eval()
+        with torch.no_grad():
+            q_values = next_token_logits(q_engine.module, rollout, vocab)
+            rewards = implied_rewards(q_values, expert_probs, actions, mask, w.gamma).float()
+        advantages = group_advantages(rewards, c.samples_per_prompt, normalize_std=c.normalize_advantages,
+                                      leave_one_out=c.baseline == Baseline.leave_one_out)
+        step_metrics = []
+        for _ in range(c.ppo_epochs):
+            for start in range(0, rollouts, trainer.micro_batch_size):
+                rows = slice(start, start + trainer.micro_batch_size)
+                logits = next_token_logits(policy_engine, rows_of(rollout, rows), vocab)
+                logprobs = sequence_logprobs(logits, actions[rows], mask[rows])
+                pg_loss, metrics = clipped_policy_gradient_loss(logprobs, old_logprobs[rows], advantages[rows],
+                                                                mask[rows], c.clip_eps)
+                mm_loss = student_moment_matching_loss(q_values[rows], expert_probs[rows], logits, mask[rows])
+                loss = w.moment_matching_coef * mm_loss + w.pg_coef * pg_loss
+                metrics["moment_matching"] = mm_loss.item()
+                if reference is not None:
+                    kl = kl_penalty(logprobs, ref_logprobs[rows], mask[rows])
+                    loss = loss + c.kl_coef * kl
+                    metrics["kl"] = kl.item()
+                policy_engine.backward(loss)
+                policy_engine.step()
+                step_metrics.append(metrics)
+
+        seconds["policy_step"] = time.perf_counter() - clock
+        figures = {
+            **{f"q/{k}": v for k, v in q_metrics.items()},
+            "q/pref_accuracy": pairwise_accuracy(chosen_r, rejected_r).item(),
+            **{f"pg/{k}": v for k, v in mean_metrics(step_metrics).items()},
+            **sample_figures(samples, examples, prompt_index, rewards),
+        }
+        history.append(figures)
+        log_iteration(run, cfg, iteration, figures, seconds, samples, started)
+
+    save_model(policy_engine, tokenizer, run.dir / "model")
+    save_model(q_engine, tokenizer, run.dir / "rm")
+    return {"variant": cfg.variant.value, "iterations": c.iterations, "model_dir": str(run.dir / "model"),
+            "rm_dir": str(run.dir / "rm"), "final": settled(history)}
