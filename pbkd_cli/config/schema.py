@@ -289,6 +289,8 @@ class WhiteBoxConfig:
 
     # Discount of the implied reward r_Q(s, a) = Q(s, a) - gamma * E_{a'~pi_E} Q(s', a').
     gamma: float = 1.0
+    # Q step: the gap's student term as its expectation under pi_old instead of the sampled token's Q.
+    expected_student_term: bool = True
     # Student step = moment_matching_coef * on-policy moment matching + pg_coef * clipped PG.
     moment_matching_coef: float = 1.0
     pg_coef: float = 1.0

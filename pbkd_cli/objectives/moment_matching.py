@@ -26,9 +26,12 @@ def expected_q(q_values: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 
 
 def _moment_terms(q_values: torch.Tensor, teacher_probs: torch.Tensor, actions: torch.Tensor,
-                  mask: torch.Tensor) -> torch.Tensor:
-    """`Σ_a πE(a|s_h) Q(s_h, a) − Q(s_h, a_h)` per position, `[B, T]`, zero off the mask."""
-    per_token = expected_q(q_values, teacher_probs) - _taken_q(q_values, actions, mask)
+                  mask: torch.Tensor, student_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """`Σ_a πE(a|s_h) Q(s_h, a) − Q(s_h, a_h)` per position, `[B, T]`, zero off the mask; with
+    `student_probs` the taken action's `Q(s_h, a_h)` is replaced by its expectation `Σ_a π(a|s_h) Q(s_h, a)`."""
+    student_term = (_taken_q(q_values, actions, mask) if student_probs is None
+                    else expected_q(q_values, student_probs))
+    per_token = expected_q(q_values, teacher_probs) - student_term
     return per_token * mask.to(per_token.dtype)
 
 
@@ -60,7 +63,8 @@ def implied_rewards(q_values: torch.Tensor, teacher_probs: torch.Tensor, actions
 
 def q_game_objective(q_values: torch.Tensor, teacher_probs: torch.Tensor, actions: torch.Tensor,
                      mask: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                     beta: float, reward_l2: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                     beta: float, reward_l2: float = 0.0,
+                     student_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss for the Q step: the negated Lagrangian that the Q head ascends,
 
         objective = gap(Q; student samples) − β · L_BT(r_Q(τ_w), r_Q(τ_l)) − reward_l2 · mean_h m_h²
@@ -72,8 +76,13 @@ def q_game_objective(q_values: torch.Tensor, teacher_probs: torch.Tensor, action
     `q_values`, `teacher_probs`, `actions`, `mask` describe student samples (see `moment_gap`);
     `chosen_rewards` / `rejected_rewards` are `implied_rewards(...)` of the preference pairs, `[N]`
     each. Returns `(−objective, metrics)` with `moment_gap`, `bt_loss`, `q_accuracy`, `objective`.
+
+    `student_probs` (π(·|s_h) of the sampling policy, `[B, T, V]`) swaps the sampled `Q(s_h, a_h)` for
+    its exact expectation: the same gap in expectation with less variance, and Q is then pushed down
+    on every token the student puts mass on, not only on the one it drew, so the student's
+    moment-matching step cannot climb Q values that no sample ever checked.
     """
-    terms = _moment_terms(q_values, teacher_probs, actions, mask)
+    terms = _moment_terms(q_values, teacher_probs, actions, mask, student_probs)
     gap = terms.sum(1).mean()
     bt_loss = bradley_terry_loss(chosen_rewards, rejected_rewards)
     penalty = terms.pow(2).sum() / mask.sum().clamp_min(1)

@@ -51,9 +51,9 @@ def next_token_logits(model, batch: TokenBatch, vocab_size: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def teacher_probs(teacher, batch: TokenBatch, vocab_size: int) -> torch.Tensor:
-    """πE(. | s_h), `[B, T-1, V]`, in at least float32."""
-    logits = next_token_logits(teacher, batch, vocab_size)
+def next_token_probs(model, batch: TokenBatch, vocab_size: int) -> torch.Tensor:
+    """A frozen policy's π(. | s_h) (the teacher's, or the student's π_old), `[B, T-1, V]`, in at least float32."""
+    logits = next_token_logits(model, batch, vocab_size)
     return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
 
 
@@ -66,6 +66,6 @@ class ImpliedRewards:
 
     def __call__(self, q_model, batch: TokenBatch) -> torch.Tensor:
         q_values = next_token_logits(q_model, batch, self.vocab_size)
-        probs = teacher_probs(self.teacher, batch, self.vocab_size)
+        probs = next_token_probs(self.teacher, batch, self.vocab_size)
         return implied_rewards(q_values, probs, batch.input_ids[:, 1:], batch.response_mask[:, 1:],
                                self.gamma).float()

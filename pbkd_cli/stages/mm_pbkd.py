@@ -8,7 +8,8 @@ r_Q(s_h, a_h) = Q(s_h, a_h) - gamma * E_{a~pi_E} Q(s_{h+1}, a) gives the prefere
 Each iteration, on a batch of prompts:
   1. sample k responses per prompt from the current student (pi_old); the teacher's
      next-token probabilities on them;
-  2. Q step: ascend  moment gap - beta * L_BT(r_Q; preference batch) - reward_l2 * mean moment^2;
+  2. Q step: ascend  moment gap - beta * L_BT(r_Q; preference batch) - reward_l2 * mean moment^2
+     (`white_box.expected_student_term`: the gap's student term as sum_a pi_old(a|s_h) Q(s_h, a));
   3. student step: on-policy moment matching (sum_a pi(a|s_h) Q(s_h, a), differentiable in pi)
      plus the clipped policy gradient of the implied sequence reward (group baseline), plus a KL
      penalty to the initial policy; `white_box.moment_matching_coef` and `pg_coef` weigh the two.
@@ -31,7 +32,8 @@ from pbkd_cli.runner import Run
 from pbkd_cli.stages._game import (game_data, game_engines, log_iteration, mean_metrics, sample_figures,
                                    sample_rollouts, settled, token_logprobs)
 from pbkd_cli.stages._shared import load_lm, minibatches
-from pbkd_cli.stages._white_box import ImpliedRewards, load_q_model, load_teacher, next_token_logits, teacher_probs
+from pbkd_cli.stages._white_box import (ImpliedRewards, load_q_model, load_teacher, next_token_logits,
+                                        next_token_probs)
 
 
 def rows_of(batch: TokenBatch, rows: slice) -> TokenBatch:
@@ -66,7 +68,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         actions, mask = rollout.input_ids[:, 1:], rollout.response_mask[:, 1:]
         old_logprobs = token_logprobs(policy_engine.module, rollout, trainer.micro_batch_size, vocab)
         ref_logprobs = token_logprobs(reference, rollout, trainer.micro_batch_size, vocab) if reference else None
-        expert_probs = teacher_probs(teacher, rollout, vocab)
+        expert_probs = next_token_probs(teacher, rollout, vocab)
+        old_probs = next_token_probs(policy_engine.module, rollout, vocab) if w.expected_student_term else None
 
         seconds = {"sample": time.perf_counter() - clock}
         clock = time.perf_counter()
@@ -79,7 +82,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
                            pad).to(device)
             chosen_r, rejected_r = pair_rewards(q_engine, pref).chunk(2)
             loss, q_metrics = q_game_objective(next_token_logits(q_engine, rollout, vocab), expert_probs, actions,
-                                               mask, chosen_r, rejected_r, beta=c.beta, reward_l2=c.reward_l2)
+                                               mask, chosen_r, rejected_r, beta=c.beta, reward_l2=c.reward_l2,
+                                               student_probs=old_probs)
             q_engine.backward(loss)
             q_engine.step()
 

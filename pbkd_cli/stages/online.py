@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pbkd_cli.config.schema import PbkdConfig
+from pbkd_cli.config.schema import PbkdConfig, Variant
 from pbkd_cli.io import atomic_write_text
 from pbkd_cli.runner import Run
 from pbkd_cli.stages._steps import Steps
@@ -35,6 +35,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     rm = cfg.model.rm.name_or_path
     prefs = o.initial_prefs_path
     history = []
+    # The white-box refit is of a Q-function: its own step name, so experiments can tune it apart.
+    fit = "train_q" if cfg.variant == Variant.white_box else "train_rm"
     for t in range(1, o.iterations + 1):
         it = f"iter{t}"
         as_student = [f"model.student.name_or_path={student}"] if student else []
@@ -46,9 +48,9 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         ], overrides_key="online/collect_prefs")
         prefs = str(merge_preferences(prefs, collected["prefs_path"], run.dir / it / "prefs.jsonl"))
         # The refit starts from the latest RM (the previous game's), so it stays near what it learnt.
-        fitted = step(f"{it}/train_rm", "train_rm", [
+        fitted = step(f"{it}/{fit}", "train_rm", [
             *([f"model.rm.name_or_path={rm}"] if rm else []), f"train_rm.prefs_path={prefs}",
-        ], overrides_key="online/train_rm")
+        ], overrides_key=f"online/{fit}")
         played = step(f"{it}/minmax", "minmax", [
             *as_student, f"model.rm.name_or_path={fitted['model_dir']}", f"minmax.prefs_path={prefs}",
         ], overrides_key="online/minmax")

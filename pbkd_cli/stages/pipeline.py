@@ -1,13 +1,14 @@
 """Every method of the comparison, each step in its own subdirectory, ending with the table.
 
     teacher (demo: fitted on gold) -> vanilla KD (SFT on teacher samples)
-      [white_box: -> FKL, RKL (white-box KD on the same teacher samples)]
+      [white_box: -> FKL, RKL: white-box KD on the same teacher samples]
       -> offline preferences -> RM by MLE -> min-max              = PbKD offline
       -> T x (collect with the current student, refit, min-max)   = PbKD online
     -> exact-match evaluation of every model
-Both PbKD variants start from the SFT student (black box: vanilla KD; white box: FKL, the
-white-box SFT), so the table compares methods, not budgets stacked on one another. With
-`variant=white_box` the RM is MM PbKD's Q-function, pre-trained by `train_rm` on the offline pairs.
+Every method after vanilla KD starts from the vanilla-KD (SFT) student, as in the white-box KD
+literature (MiniLLM, DistiLLM), so the table compares methods from one starting point. With
+`variant=white_box` the RM is MM PbKD's Q-function, pre-trained on the offline pairs
+(step `train_q`, a `train_rm` run).
 """
 
 from __future__ import annotations
@@ -31,19 +32,19 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         teacher_dir = step("teacher", "sft", ["sft.model=teacher", "sft.source=gold"])["model_dir"]
     teacher = [f"model.teacher.name_or_path={teacher_dir}"] if teacher_dir else []
     vanilla = step("vanilla_kd", "sft", [*teacher, "sft.model=student", "sft.source=teacher"])
+    sft_student = f"model.student.name_or_path={vanilla['model_dir']}"
     white_box = {}
     if cfg.variant == Variant.white_box:
         for loss in ("fkl", "rkl"):
-            white_box[loss.upper()] = step(f"kd_{loss}", "sft", [*teacher, "sft.model=student", "sft.source=teacher",
-                                                                 f"sft.kd.loss={loss}"])
-    start = white_box.get("FKL", vanilla)
-    sft_student = f"model.student.name_or_path={start['model_dir']}"
+            white_box[loss.upper()] = step(f"kd_{loss}", "sft", [*teacher, sft_student, "sft.model=student",
+                                                                 "sft.source=teacher", f"sft.kd.loss={loss}"])
 
     offline_prefs = step("offline_prefs", "collect_prefs", [*teacher, sft_student])
-    backbone = {ModelRole.teacher: teacher_dir, ModelRole.student: start["model_dir"]}.get(cfg.pipeline.rm_init)
+    backbone = {ModelRole.teacher: teacher_dir, ModelRole.student: vanilla["model_dir"]}.get(cfg.pipeline.rm_init)
     if cfg.pipeline.rm_init is not None and backbone is None:
         raise PbkdError("pipeline.rm_init=teacher: the teacher has no local weights to start the RM from")
-    rm = step("train_rm", "train_rm", [f"train_rm.prefs_path={offline_prefs['prefs_path']}",
+    fit = "train_q" if cfg.variant == Variant.white_box else "train_rm"
+    rm = step(fit, "train_rm", [f"train_rm.prefs_path={offline_prefs['prefs_path']}",
                                        *([f"model.rm.name_or_path={backbone}"] if backbone else [])])
     offline = step("pbkd_offline", "minmax", [
         *teacher, sft_student, f"model.rm.name_or_path={rm['model_dir']}",

@@ -100,5 +100,8 @@ def test_white_box_pipeline_adds_fkl_rkl_and_mm_pbkd_rows(workdir):
     assert list(methods) == ["teacher", "base student", "vanilla KD", "FKL", "RKL", "MM PbKD offline",
                              "MM PbKD online"]
     assert summary(run_dir / "kd_fkl")["kd_loss"] == "fkl" and summary(run_dir / "kd_rkl")["kd_loss"] == "rkl"
+    # The Q pre-training and refits are steps of their own, so an experiment tunes them apart from an RM's.
+    assert (run_dir / "train_q" / "summary.json").exists()
+    assert (run_dir / "pbkd_online" / "iter1" / "train_q" / "summary.json").exists()
     table = (run_dir / "comparison.md").read_text()
     assert "| MM PbKD online |" in table and "| RKL |" in table

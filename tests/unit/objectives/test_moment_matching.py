@@ -134,6 +134,22 @@ def test_q_game_penalty_is_the_mean_squared_moment_term():
     assert big > small
 
 
+def test_q_game_with_student_probs_uses_the_expected_student_term():
+    q, teacher_probs, actions = game(11)
+    student_probs = torch.softmax(torch.randn(B, T, V, generator=torch.Generator().manual_seed(12), dtype=F64), -1)
+    pair_rewards = implied_rewards(*game(13), MASK)
+    loss, metrics = q_game_objective(q, teacher_probs, actions, MASK, pair_rewards[:2], pair_rewards[1:], beta=0.0,
+                                     reward_l2=0.2, student_probs=student_probs)
+    terms = [loop_value(q, teacher_probs, b, h) - loop_value(q, student_probs, b, h) for b, h in MASK.nonzero().tolist()]
+    gap = sum(terms) / B
+    torch.testing.assert_close(loss, -(gap - 0.2 * sum(t ** 2 for t in terms) / len(terms)))
+    assert metrics["moment_gap"] == pytest.approx(gap.item())
+    # With equal distributions there is no gap to open, whatever the sampled actions.
+    same, _ = q_game_objective(q, teacher_probs, actions, MASK, pair_rewards[:2], pair_rewards[1:], beta=0.0,
+                               student_probs=teacher_probs)
+    assert same.abs() < 1e-12
+
+
 def test_student_moment_matching_loss_matches_a_loop_and_leaves_q_alone():
     q, teacher_probs, _ = game(7)
     g = torch.Generator().manual_seed(8)
