@@ -68,11 +68,13 @@ def mean_response_nll(model, prompts, responses, pad_id, batch_size, device) -> 
 
 
 def run(cfg: PbkdConfig, run: Run) -> dict:
-    role = cfg.sft.model.value
-    tokenizer, policy = load_lm(cfg, role)
     kd, trainer = cfg.sft.kd, cfg.trainer
+    if not 0.0 <= kd.on_policy_ratio <= 1.0:
+        raise PbkdError(f"sft.kd.on_policy_ratio={kd.on_policy_ratio}: a fraction of batches, between 0 and 1")
     if kd.loss is None and kd.on_policy_ratio > 0:
         raise PbkdError("sft.kd.on_policy_ratio: on-policy samples need a white-box loss (set sft.kd.loss)")
+    role = cfg.sft.model.value
+    tokenizer, policy = load_lm(cfg, role)
     examples = load_examples(cfg.data, "train")
     if not examples:
         raise PbkdError("data: the train split is empty")

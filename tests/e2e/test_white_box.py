@@ -58,6 +58,14 @@ def test_teacher_runs_on_its_own_zero3_engine(workdir, trained_teacher):
     assert metrics_of(run_dir)[-1]["sft/fkl"] > 0
 
 
+@pytest.mark.parametrize("bad, key", [("sft.kd.on_policy_ratio=1.5", "sft.kd.on_policy_ratio=1.5"),
+                                      ("sft.kd.on_policy_ratio=0.5", "sft.kd.on_policy_ratio")])
+def test_bad_on_policy_ratio_is_one_line(workdir, bad, key):
+    result = pbkd("sft", *TINY, bad, "hydra.run.dir=bad_ratio", cwd=workdir)
+    assert result.returncode == 2 and key in result.stderr.strip().splitlines()[-1]
+    assert not (workdir / "bad_ratio" / "model").exists()
+
+
 def test_white_box_kd_rejects_a_teacher_with_another_vocabulary(workdir):
     other = workdir / "other_vocab_teacher"
     ok(pbkd("sft", *TINY, "sft.model=teacher", "tokenizer.vocab_size=280", "trainer.max_steps=1",
