@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit clean
+.PHONY: install demo test test-unit gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# On a CUDA machine: the demo's teacher SFT in bf16 under ZeRO-2, then ZeRO-3, on every GPU; prints
+# seconds per step and tokens/s (PBKD_DRY_RUN=1 prints the commands only).
+gpu-check: $(STAMP)
+	PBKD_BIN=$(BIN) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -8,6 +8,7 @@ checked against the schema before any work starts.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from pbkd_cli.config.compose import CONF_DIR, ConfigError, plan_jobs
+from pbkd_cli.config.compose import CONF_DIR, ConfigError, first_job, plan_jobs
 
 app = typer.Typer(
     help="Preference-based knowledge distillation (PbKD) of language models. "
@@ -64,15 +65,47 @@ def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
+def _shared_run_dir(stage: str, overrides: list[str], multirun: bool) -> list[str]:
+    """Under a multi-process launcher, every rank must write to one run directory; Hydra's default
+    (a timestamp) could differ between ranks, so it is derived from the launch's id instead."""
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    if world == 1 or multirun or any(o.startswith("hydra.run.dir=") for o in overrides):
+        return overrides
+    launch_id = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+    if not launch_id:
+        raise ConfigError(f"hydra.run.dir: {world} processes need one run directory; set hydra.run.dir=...")
+    name = f"run-{os.environ['TORCHELASTIC_RUN_ID']}" if "TORCHELASTIC_RUN_ID" in os.environ else f"slurm-{launch_id}"
+    return [*overrides, f"hydra.run.dir=outputs/{stage}/{name}"]
+
+
 def _launch(stage: str, args: list[str], multirun: bool) -> None:
     flags, overrides = _split_args(args)
     try:
+        overrides = _shared_run_dir(stage, overrides, multirun)
         planned = plan_jobs(stage, overrides, multirun)
+        if multirun and any(f.split("=", 1)[0] in ("--cfg", "-c", "--info") for f in flags):
+            # Hydra refuses --multirun with --cfg/--info: show the sweep's first job instead.
+            planned, multirun = plan_jobs(stage, first_job(overrides), False), False
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     sys.argv = [f"pbkd {stage}", *flags, *(["--multirun"] if multirun else []), *planned]
     _hydra_app()
+
+
+def one_line_exit(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, the one line to print) for the failures a user can act on; None for a bug."""
+    from pbkd_cli.engine.checkpoint import Preempted
+    from pbkd_cli.io import PbkdError
+
+    if isinstance(exc, (ConfigError, PbkdError)):
+        return 2, f"error: {exc}"
+    if isinstance(exc, Preempted):
+        return exc.exit_code, f"stopped: {exc}"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # Every artefact is written under a temporary name first: nothing half-written is left behind.
+        return 2, f"error: no space left on the device writing {exc.filename or 'an artefact'}"
+    return None
 
 
 def _hydra_app() -> None:
@@ -83,15 +116,18 @@ def _hydra_app() -> None:
         from hydra.core.hydra_config import HydraConfig
 
         from pbkd_cli.config.compose import to_typed
-        from pbkd_cli.io import PbkdError
         from pbkd_cli.runner import run_stage
 
         hydra_cfg = HydraConfig.get()
         try:
             run_stage(to_typed(cfg), Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
-        except (ConfigError, PbkdError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+        except Exception as exc:
+            reported = one_line_exit(exc)
+            if reported is None:
+                raise
+            code, message = reported
+            print(message, file=sys.stderr)
+            sys.exit(code)
 
     hydra_job()
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import importlib.metadata
 import json
 import logging
-import os
 import platform
 import socket
 import subprocess
@@ -76,6 +74,7 @@ class Run:
         self.is_main = is_main
         self.dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
+        self._checkpoints = []
         config = config_as_dict(cfg)
         if is_main:
             atomic_write_text(self.dir / "config.yaml", OmegaConf.to_yaml(config))
@@ -93,6 +92,17 @@ class Run:
             })
         self.tracker = Tracker(self.dir, cfg.logger, config, name=f"{cfg.stage}-{self.dir.name}", is_main=is_main)
 
+    def checkpoints(self, **engines):
+        """Checkpoints of this run's training loop over `engines` (see `engine.checkpoint`)."""
+        from pbkd_cli.engine.checkpoint import Checkpoints
+
+        trainer = self.cfg.trainer
+        checkpoints = Checkpoints(self.dir / "checkpoints", engines, every=trainer.checkpoint_every,
+                                  keep=trainer.keep_checkpoints, resume=self.cfg.resume,
+                                  config=config_as_dict(self.cfg), on_restore=self.tracker.rewind)
+        self._checkpoints.append(checkpoints)
+        return checkpoints
+
     def finish(self, summary: dict[str, Any]) -> None:
         """Write `summary.json`: the run's figures, deterministic for a given config and seed."""
         if self.is_main:
@@ -101,22 +111,33 @@ class Run:
         self.tracker.summary(summary)
 
     def close(self) -> None:
+        for checkpoints in self._checkpoints:
+            checkpoints.close()
         self.tracker.close()
 
 
 def run_stage(cfg: PbkdConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """Seed everything, run `cfg.stage` in `run_dir`, and return its summary."""
-    from pbkd_cli.engine import distributed_context, seed_everything
+    from pbkd_cli.engine import distributed_context, init_process_group, seed_everything
+    from pbkd_cli.engine.distributed import barrier
 
     if cfg.stage not in STAGES:
         raise PbkdError(f"stage={cfg.stage}: unknown stage (one of {', '.join(STAGES)})")
     stage = importlib.import_module(f"pbkd_cli.stages.{STAGES[cfg.stage]}")
     dist = distributed_context()
+    if not dist.is_main:
+        log.setLevel(logging.WARNING)  # one copy of the progress lines, from rank 0
+    if cfg.stage in ("sft", "train_rm"):
+        from pbkd_cli.engine.deepspeed_engine import deepspeed_config
+
+        deepspeed_config(cfg.deepspeed, cfg.trainer)  # the batch arithmetic, checked before any model loads
+    init_process_group()
     seed_everything(cfg.seed)
     run = Run(cfg, run_dir, overrides, is_main=dist.is_main)
     try:
         summary = stage.run(cfg, run)
         run.finish(summary)
+        barrier()  # the next stage on any rank may read what rank 0 just wrote
     finally:
         run.close()
     if dist.is_main:

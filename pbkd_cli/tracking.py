@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
@@ -12,6 +13,7 @@ from typing import Any, Iterable, Iterator, TypeVar
 from tqdm.auto import tqdm
 
 from pbkd_cli.config.schema import LoggerConfig, WandbMode
+from pbkd_cli.engine.distributed import reduce_metrics
 
 log = logging.getLogger("pbkd")
 T = TypeVar("T")
@@ -27,10 +29,16 @@ class Tracker:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        self._metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if is_main else None
+        self._metrics_path = run_dir / "metrics.jsonl"
+        self._metrics = self._metrics_path.open("a", encoding="utf-8") if is_main else None
         self._wandb = None
         if is_main and cfg.mode != WandbMode.disabled:
             import wandb  # imported lazily: it starts a service process
+
+            # A rerun in the same directory (a resumed run) continues the same W&B run.
+            id_file = run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id + "\n")
 
             # The API key is read by wandb from WANDB_API_KEY; it is never part of `config`.
             self._wandb = wandb.init(
@@ -42,19 +50,43 @@ class Tracker:
                 name=name,
                 dir=str(run_dir),
                 config=config,
+                id=run_id,
+                resume="allow",
                 reinit="create_new",
             )
 
-    def log(self, metrics: dict[str, Any], step: int, prefix: str = "") -> None:
+    def log(self, metrics: dict[str, Any], step: int, prefix: str = "", reduce: bool = True) -> dict[str, Any]:
+        """Record `metrics` averaged over ranks and return them averaged. With `reduce`, every rank
+        calls this; `reduce=False` logs figures rank 0 already holds for the whole run."""
+        metrics = {k: _plain(v) for k, v in metrics.items()}
+        if reduce:
+            metrics = reduce_metrics(metrics)
         if not self.is_main:
-            return
-        row = {f"{prefix}{k}": _plain(v) for k, v in metrics.items()}
+            return metrics
+        row = {f"{prefix}{k}": v for k, v in metrics.items()}
         self._metrics.write(json.dumps({"step": step, **row}) + "\n")
         self._metrics.flush()
         if self._wandb is not None:
             self._wandb.log(row, step=step)
         shown = " ".join(f"{k}={_short(v)}" for k, v in row.items())
         log.info("step %d %s", step, shown)
+        return metrics
+
+    def rewind(self, step: int) -> None:
+        """Forget the rows logged after `step`: a resumed run logs them again from its checkpoint."""
+        if not self.is_main:
+            return
+        self._metrics.flush()
+        keep = 0
+        with self._metrics_path.open("rb") as handle:
+            for line in handle:
+                try:
+                    if json.loads(line).get("step", 0) > step:
+                        break
+                except json.JSONDecodeError:  # a line cut off by a kill
+                    break
+                keep += len(line)
+        os.truncate(self._metrics_path, keep)
 
     def summary(self, summary: dict[str, Any]) -> None:
         if self._wandb is not None:

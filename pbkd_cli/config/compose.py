@@ -95,20 +95,32 @@ def to_typed(cfg: DictConfig) -> PbkdConfig:
         raise ConfigError(_one_line(exc)) from exc
 
 
-def plan_jobs(stage: str, overrides: list[str], multirun: bool) -> list[str]:
-    """Validate every job of a run or sweep before any work; return the overrides to launch with."""
-    parser = OverridesParser.create()
+def _parse(overrides: list[str]):
     try:
-        parsed = parser.parse_overrides(overrides)
+        return OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
         raise ConfigError(_one_line(exc)) from exc
+
+
+def _jobs(parsed) -> list[list[str]]:
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def first_job(overrides: list[str]) -> list[str]:
+    """The overrides of a sweep's first job."""
+    return _jobs(_parse(overrides))[0]
+
+
+def plan_jobs(stage: str, overrides: list[str], multirun: bool) -> list[str]:
+    """Validate every job of a run or sweep before any work; return the overrides to launch with."""
+    parsed = _parse(overrides)
     if not multirun:
         sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
         if sweeps:
             raise ConfigError(f"{sweeps[0]}: a sweep needs -m/--multirun")
         jobs = [overrides]
     else:
-        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        jobs = _jobs(parsed)
     for job in jobs:
         to_typed(compose(with_stage_overrides(stage, job)))
     # Stage overrides come from the experiment, which a sweep cannot change per job.

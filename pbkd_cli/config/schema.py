@@ -98,6 +98,11 @@ class ArithmeticConfig:
     test_size: int = 200
 
 
+class OverlongPrompts(str, Enum):
+    truncate = "truncate"
+    drop = "drop"
+
+
 @dataclass
 class DataConfig:
     task: TaskName = TaskName.arithmetic
@@ -114,6 +119,9 @@ class DataConfig:
     use_chat_template: bool = False
     max_prompt_tokens: int = 128
     max_response_tokens: int = 64
+    # Prompts longer than max_prompt_tokens: keep their last tokens (truncate) or leave them out (drop);
+    # either way the count is in the run's summary.
+    overlong_prompts: OverlongPrompts = OverlongPrompts.truncate
 
 
 @dataclass
@@ -145,7 +153,15 @@ class TrainerConfig:
     micro_batch_size: int = 32
     grad_accum: int = 1
     max_grad_norm: float = 1.0
+    # If set, checked against micro_batch_size * grad_accum * world size (the launcher's ranks).
+    global_batch_size: Optional[int] = None
+    # Recompute activations in the backward pass: less memory, about a third more compute.
+    gradient_checkpointing: bool = False
     log_every: int = 10
+    # Save model, optimiser, scheduler, RNG and data position every N steps (minmax: iterations);
+    # 0 saves only when SIGTERM/SIGUSR1 asks the run to stop. The newest `keep_checkpoints` stay.
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
 
 
 class WandbMode(str, Enum):
@@ -360,6 +376,8 @@ class Variant(str, Enum):
 class PbkdConfig:
     stage: str = MISSING
     seed: int = 0
+    # A run directory holding checkpoints continues from the newest; false deletes them and starts over.
+    resume: bool = True
     variant: Variant = Variant.black_box
     model: ModelsConfig = field(default_factory=ModelsConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

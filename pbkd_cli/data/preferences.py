@@ -56,7 +56,7 @@ def load_preferences(path: str | Path, what: str = "prefs.path") -> list[Prefere
 class PreferenceWriter:
     """Crash-safe, resumable appends of pairs, committed one chunk of prompts at a time."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, read_only: bool = False):
         self.final_path = Path(path)
         self.path = self.final_path.with_name(self.final_path.stem + ".partial.jsonl")
         self.commit_path = self.final_path.with_name(self.final_path.stem + ".commit.json")
@@ -68,9 +68,10 @@ class PreferenceWriter:
         self.pairs = committed["pairs"]
         self.stats: dict[str, float] = committed["stats"]  # running sums committed with the pairs
         self._bytes = committed["bytes"]
-        # Cut off a chunk that was being appended when the previous run died.
-        with self.path.open("ab") as handle:
-            handle.truncate(self._bytes)
+        if not read_only:  # other ranks of a multi-process run only read where the writer is
+            # Cut off a chunk that was being appended when the previous run died.
+            with self.path.open("ab") as handle:
+                handle.truncate(self._bytes)
 
     def append_chunk(self, pairs: list[PreferencePair], prompts: int, stats: dict[str, float] | None = None) -> None:
         data = "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in pairs).encode("utf-8")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
-from pbkd_cli.config.schema import DataConfig
+from pbkd_cli.config.schema import DataConfig, OverlongPrompts
 from pbkd_cli.data.examples import Example
+from pbkd_cli.io import PbkdError
+
+log = logging.getLogger("pbkd")
+T = TypeVar("T")
 
 
 def format_prompt(example: Example, cfg: DataConfig, tokenizer) -> str:
@@ -21,6 +27,30 @@ def format_prompt(example: Example, cfg: DataConfig, tokenizer) -> str:
 def gold_response(example: Example) -> str:
     # Responses start with a space so that "Answer:" + response reads as the text it was trained on.
     return " " + example.solution.strip()
+
+
+def overlong(examples: list[Example], cfg: DataConfig, tokenizer) -> list[bool]:
+    """Which examples' formatted prompts exceed `max_prompt_tokens`."""
+    texts = [format_prompt(ex, cfg, tokenizer) for ex in examples]
+    ids = tokenizer(texts, add_special_tokens=not cfg.use_chat_template)["input_ids"]
+    return [len(row) > cfg.max_prompt_tokens for row in ids]
+
+
+def fit_to_context(items: list[T], examples: list[Example], cfg: DataConfig, tokenizer, what: str) -> tuple[list[T], int]:
+    """`items` (one per example) without those whose prompt is too long when `overlong_prompts=drop`
+    (with `truncate`, `encode_prompts` keeps their last tokens), and how many were too long."""
+    too_long = overlong(examples, cfg, tokenizer)
+    count = sum(too_long)
+    if count:
+        action = "dropped" if cfg.overlong_prompts == OverlongPrompts.drop else "truncated to their last tokens"
+        log.warning("%s: %d of %d prompts exceed data.max_prompt_tokens=%d and are %s",
+                    what, count, len(items), cfg.max_prompt_tokens, action)
+    if cfg.overlong_prompts == OverlongPrompts.drop:
+        items = [item for item, bad in zip(items, too_long) if not bad]
+        if not items:
+            raise PbkdError(f"data.max_prompt_tokens={cfg.max_prompt_tokens}: every {what} prompt is longer "
+                            f"(data.overlong_prompts=drop left nothing)")
+    return items, count
 
 
 def encode_prompts(examples: list[Example], cfg: DataConfig, tokenizer) -> list[list[int]]:
@@ -61,13 +91,17 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
     return TokenBatch(input_ids, attention_mask, response_mask)
 
 
+def pair_examples(pairs) -> list[Example]:
+    return [Example(id=p.id, question=p.question, solution="", answer=p.answer) for p in pairs]
+
+
 def encode_pairs(pairs, cfg: DataConfig, tokenizer) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
     """(prompt, chosen, rejected) ids of preference pairs, prompts rebuilt from their questions.
 
     Each model formats the question with its own tokenizer (and chat template), so a pair written
     from one model family trains a reward model of another.
     """
-    examples = [Example(id=p.id, question=p.question, solution="", answer=p.answer) for p in pairs]
+    examples = pair_examples(pairs)
     prompts = encode_prompts(examples, cfg, tokenizer) if all(p.question for p in pairs) else [
         row[-cfg.max_prompt_tokens:] for row in tokenizer([p.prompt for p in pairs])["input_ids"]]
     chosen = encode_responses([p.chosen for p in pairs], cfg, tokenizer)

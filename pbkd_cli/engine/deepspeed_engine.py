@@ -17,6 +17,7 @@ import torch
 
 from pbkd_cli.config.schema import TrainerConfig
 from pbkd_cli.engine.distributed import distributed_context
+from pbkd_cli.io import PbkdError
 
 log = logging.getLogger("pbkd")
 
@@ -40,14 +41,26 @@ def inference_device() -> torch.device:
     return torch.device("cuda", ctx.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def deepspeed_config(ds: dict[str, Any], trainer: TrainerConfig) -> dict[str, Any]:
-    """The user's DeepSpeed section completed with the batch arithmetic and clipping of `trainer`."""
-    world = distributed_context().world_size
+def deepspeed_config(ds: dict[str, Any], trainer: TrainerConfig, world_size: int | None = None) -> dict[str, Any]:
+    """The user's DeepSpeed section completed with the batch arithmetic and clipping of `trainer`.
+
+    The batch sizes have one source, `trainer`: global = micro x accumulation x world size.
+    """
+    world = world_size or distributed_context().world_size
+    global_batch = trainer.micro_batch_size * trainer.grad_accum * world
+    if trainer.global_batch_size is not None and trainer.global_batch_size != global_batch:
+        raise PbkdError(f"trainer.global_batch_size={trainer.global_batch_size}: micro_batch_size "
+                        f"{trainer.micro_batch_size} x grad_accum {trainer.grad_accum} x {world} ranks = {global_batch}")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in ds:
+            raise PbkdError(f"deepspeed.{key}: set the batch through trainer.micro_batch_size / trainer.grad_accum")
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        raise PbkdError("deepspeed.fp16.enabled: bf16 and fp16 cannot both be enabled")
     config = copy.deepcopy(dict(ds))
     config.update(
         train_micro_batch_size_per_gpu=trainer.micro_batch_size,
         gradient_accumulation_steps=trainer.grad_accum,
-        train_batch_size=trainer.micro_batch_size * trainer.grad_accum * world,
+        train_batch_size=global_batch,
         gradient_clipping=trainer.max_grad_norm,
     )
     config.setdefault("zero_allow_untested_optimizer", True)
@@ -63,11 +76,17 @@ def build_engine(model: torch.nn.Module, trainer: TrainerConfig, ds: dict[str, A
     """
     from transformers import get_scheduler
 
-    deepspeed = _deepspeed()
     config = deepspeed_config(ds, trainer)
+    deepspeed = _deepspeed()
+    if trainer.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # the cache is useless with recomputation, and HF warns
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
-    if "optimizer" not in config:
+    if "optimizer" in config:  # DeepSpeed's own optimiser (CPU offload), with the trainer's settings
+        config["optimizer"]["params"] = {**config["optimizer"].get("params", {}), "lr": trainer.lr,
+                                         "betas": list(trainer.adam_betas), "weight_decay": trainer.weight_decay}
+    else:
         optimizer = torch.optim.AdamW(params, lr=trainer.lr, betas=tuple(trainer.adam_betas),
                                       weight_decay=trainer.weight_decay)
     warmup = int(trainer.warmup_ratio * trainer.max_steps)

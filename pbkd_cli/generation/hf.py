@@ -53,13 +53,16 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int 
     batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
     responses: dict[int, list[list[int]]] = {}
     eos = tokenizer.eos_token_id
+    # ZeRO-3 gathers each layer's weights from all ranks inside every forward pass, so the ranks must
+    # keep decoding in step until the last of them is done (DeepSpeed marks its partitioned weights).
+    synced = torch.distributed.is_initialized() and any(hasattr(p, "ds_id") for p in model.parameters())
     for batch in progress(batches, len(batches)):
         ids, mask = _left_pad([prompt_ids[i] for i in batch], tokenizer.pad_token_id)
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
             top_k=None, num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos, use_cache=True,
+            eos_token_id=eos, use_cache=True, synced_gpus=synced,
         )
         generated = out[:, ids.shape[1]:].tolist()
         for j, index in enumerate(batch):

@@ -55,12 +55,14 @@ def game_engines(cfg: PbkdConfig, policy, adversary):
     c, trainer = cfg.minmax, cfg.trainer
     rollouts = c.prompts_per_iteration * c.samples_per_prompt
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if c.kl_coef > 0 else None
+    # The game sets its own batches (rollouts per iteration), so trainer.global_batch_size does not apply.
     policy_engine = build_engine(policy, dataclasses.replace(
-        trainer, grad_accum=rollouts // trainer.micro_batch_size, max_steps=c.iterations * c.ppo_epochs),
+        trainer, grad_accum=rollouts // trainer.micro_batch_size, max_steps=c.iterations * c.ppo_epochs,
+        global_batch_size=None),
         cfg.deepspeed)
     adversary_engine = build_engine(adversary, dataclasses.replace(
         trainer, lr=c.rm_lr, grad_accum=1, micro_batch_size=c.prompts_per_iteration,
-        max_steps=c.iterations * c.rm_steps), cfg.deepspeed)
+        max_steps=c.iterations * c.rm_steps, global_batch_size=None), cfg.deepspeed)
     if reference is not None:
         reference.to(policy_engine.device)
     return policy_engine, adversary_engine, reference

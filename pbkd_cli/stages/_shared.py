@@ -10,6 +10,7 @@ import torch
 from pbkd_cli.config.schema import PbkdConfig
 from pbkd_cli.data.tasks import tokenizer_corpus
 from pbkd_cli.engine import distributed_context, inference_device
+from pbkd_cli.io import PbkdError
 from pbkd_cli.models import load_causal_lm, load_tokenizer
 from pbkd_cli.models.factory import parameter_count
 
@@ -33,17 +34,43 @@ def load_lm(cfg: PbkdConfig, role: str):
     return tokenizer, model
 
 
-def minibatches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless shuffled index batches, one fresh permutation per epoch; each rank gets its share."""
-    dist = distributed_context()
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(n, generator=generator).tolist()
-        order = order[dist.rank::dist.world_size]
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield order[start:start + batch_size]
-        if len(order) < batch_size:
-            raise ValueError(f"trainer.micro_batch_size={batch_size} exceeds the {len(order)} examples per rank")
+class Minibatches:
+    """Endless shuffled index batches, one fresh permutation per epoch; each rank gets its share.
+
+    Its position (`state_dict`) goes into checkpoints: a resumed loop draws the batches it would
+    have drawn.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.taken = 0
+        self._batches = self._generate()
+
+    def _generate(self) -> Iterator[list[int]]:
+        dist = distributed_context()
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:
+            order = torch.randperm(self.n, generator=generator).tolist()[dist.rank::dist.world_size]
+            if len(order) < self.batch_size:
+                raise PbkdError(f"trainer.micro_batch_size={self.batch_size} exceeds the {len(order)} "
+                                f"examples per rank")
+            for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
+                yield order[start:start + self.batch_size]
+
+    def __iter__(self) -> "Minibatches":
+        return self
+
+    def __next__(self) -> list[int]:
+        self.taken += 1
+        return next(self._batches)
+
+    def state_dict(self) -> dict:
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.taken, self._batches = 0, self._generate()
+        for _ in range(state["taken"]):
+            next(self)
 
 
 def endpoint(api, key: str):
@@ -70,7 +97,7 @@ class ResponseSampler:
             self.model.to(inference_device())
 
     def sample(self, examples, k: int, temperature: float, progress=None) -> list[list[str]]:
-        from pbkd_cli.data.prompts import encode_prompts, format_prompt
+        from pbkd_cli.data.prompts import encode_prompts
         from pbkd_cli.generation import generate
 
         data = self.cfg.data

@@ -12,6 +12,7 @@ import json
 import logging
 
 from pbkd_cli.config.compose import compose, to_typed, with_stage_overrides
+from pbkd_cli.engine.distributed import barrier
 from pbkd_cli.runner import Run, run_stage
 
 log = logging.getLogger("pbkd")
@@ -24,6 +25,7 @@ class Steps:
 
     def __call__(self, name: str, stage: str, wiring: list[str] = (), overrides_key: str | None = None) -> dict:
         step_dir = self.run.dir / name
+        barrier()  # every rank sees the same steps as done
         if (step_dir / "summary.json").exists():
             log.info("%s: step %s already done, reusing %s", self.run.cfg.stage, name, step_dir)
             return json.loads((step_dir / "summary.json").read_text())

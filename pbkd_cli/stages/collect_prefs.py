@@ -17,8 +17,9 @@ from pbkd_cli.config.schema import Labeler, PbkdConfig, PrefsFormat
 from pbkd_cli.data import labelers
 from pbkd_cli.data.gsm8k import extract_answer
 from pbkd_cli.data.preferences import PreferencePair, PreferenceWriter
+from pbkd_cli.data.prompts import fit_to_context
 from pbkd_cli.data.tasks import load_examples
-from pbkd_cli.engine import seed_everything
+from pbkd_cli.engine import gather, reduce_metrics, seed_everything, shard
 from pbkd_cli.io import PbkdError
 from pbkd_cli.runner import Run
 from pbkd_cli.stages._shared import ResponseSampler, endpoint
@@ -56,21 +57,27 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     if not examples:
         raise PbkdError(f"collect_prefs.prompt_offset={c.prompt_offset}: no train prompts left "
                         f"(the split has {len(train)})")
-    writer = PreferenceWriter(run.dir / "prefs.jsonl")
+    # Rank 0 writes; every rank samples its share of each chunk.
+    writer = PreferenceWriter(run.dir / "prefs.jsonl", read_only=not run.is_main)
     if writer.prompts_done:
         log.info("collect-prefs: resuming after %d of %d prompts", writer.prompts_done, len(examples))
 
     teacher = ResponseSampler(cfg, "teacher")
     student = ResponseSampler(cfg, "student")
+    examples, overlong = fit_to_context(examples, examples, cfg.data, student.tokenizer, "collect-prefs")
     starts = range(writer.prompts_done, len(examples), c.chunk_prompts)
     for start in run.tracker.progress(starts, total=len(starts), desc="collect-prefs"):
         chunk = examples[start:start + c.chunk_prompts]
         # A chunk's samples depend only on (seed, chunk start), so a redone chunk is the same chunk.
         seed_everything(cfg.seed * 1_000_003 + c.prompt_offset + start)
         clock, tokens_before = time.perf_counter(), teacher.generated_tokens + student.generated_tokens
-        teacher_texts = teacher.sample(chunk, c.samples_per_model, c.temperature)
-        student_texts = student.sample(chunk, c.samples_per_model, c.temperature)
+        teacher_texts = gather(teacher.sample(shard(chunk), c.samples_per_model, c.temperature), len(chunk))
+        student_texts = gather(student.sample(shard(chunk), c.samples_per_model, c.temperature), len(chunk))
         sampling_seconds = time.perf_counter() - clock
+        tokens = reduce_metrics({"tokens_per_second": (teacher.generated_tokens + student.generated_tokens
+                                                       - tokens_before) / sampling_seconds})
+        if not run.is_main:
+            continue
         ranked = rank(cfg, chunk, teacher_texts, student_texts, random.Random(cfg.seed + start))
         pairs = [
             PreferencePair(id=f"{ex.id}-it{c.iteration}-{j}", prompt=cfg.data.prompt_template.format(question=ex.question),
@@ -85,22 +92,23 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
             "samples_per_model": len(chunk) * c.samples_per_model,
         }
         writer.append_chunk(pairs, len(chunk), stats=correct)
-        tokens = teacher.generated_tokens + student.generated_tokens
-        run.tracker.log({"pairs": writer.pairs, "prompts": writer.prompts_done,
-                         "tokens_per_second": (tokens - tokens_before) / sampling_seconds},
-                        step=writer.prompts_done, prefix="prefs/")
+        run.tracker.log({"pairs": writer.pairs, "prompts": writer.prompts_done, **tokens},
+                        step=writer.prompts_done, prefix="prefs/", reduce=False)
 
+    path = writer.final_path.with_suffix(".parquet" if c.format == PrefsFormat.parquet else ".jsonl")
+    if run.is_main:
+        writer.finalize()
+        if c.format == PrefsFormat.parquet:
+            export_parquet(writer.final_path)
     stats = writer.stats
-    path = writer.finalize()
-    if c.format == PrefsFormat.parquet:
-        path = export_parquet(path)
     return {
         "prefs_path": str(path),
         "prompts": len(examples),
         "pairs": writer.pairs,
+        "overlong_prompts": overlong,
         "labeler": c.labeler.value,
-        "teacher_sample_accuracy": stats["teacher_correct"] / max(stats["samples_per_model"], 1),
-        "student_sample_accuracy": stats["student_correct"] / max(stats["samples_per_model"], 1),
+        "teacher_sample_accuracy": stats.get("teacher_correct", 0) / max(stats.get("samples_per_model", 0), 1),
+        "student_sample_accuracy": stats.get("student_correct", 0) / max(stats.get("samples_per_model", 0), 1),
     }
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 
 from pbkd_cli.config.schema import Baseline, PbkdConfig, Variant
-from pbkd_cli.data.prompts import collate, encode_pairs, encode_prompts, encode_responses
+from pbkd_cli.data.prompts import collate, encode_pairs, encode_prompts, encode_responses, fit_to_context
 from pbkd_cli.engine import save_model
 from pbkd_cli.models.reward import score
 from pbkd_cli.objectives.bradley_terry import pairwise_accuracy, rm_game_objective
@@ -30,7 +30,7 @@ from pbkd_cli.runner import Run
 from pbkd_cli.stages import mm_pbkd
 from pbkd_cli.stages._game import (game_data, game_engines, log_iteration, mean_metrics, sample_figures,
                                    sample_rollouts, settled, token_logprobs)
-from pbkd_cli.stages._shared import ResponseSampler, load_lm, load_rm, minibatches
+from pbkd_cli.stages._shared import Minibatches, ResponseSampler, load_lm, load_rm
 
 log = logging.getLogger("pbkd")
 
@@ -56,13 +56,14 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     rollouts = c.prompts_per_iteration * c.samples_per_prompt
 
     tokenizer, policy = load_lm(cfg, "student")
+    examples, overlong = fit_to_context(examples, examples, cfg.data, tokenizer, "minmax")
     rm_tokenizer, rm = load_rm(cfg)
     reward_inputs = RewardInputs(cfg, examples, rm_tokenizer, tokenizer)
     rm_pad = rm_tokenizer.pad_token_id
 
     # The prompt batches of the whole game are drawn up front, so that the teacher answers only the
     # prompts the game visits, once each: the teacher does not change.
-    schedule = list(itertools.islice(minibatches(len(examples), c.prompts_per_iteration, cfg.seed), c.iterations))
+    schedule = list(itertools.islice(Minibatches(len(examples), c.prompts_per_iteration, cfg.seed), c.iterations))
     visited = sorted({i for idx in schedule for i in idx})
     k_teacher = c.teacher_samples_per_prompt
     teacher_texts = ResponseSampler(cfg, "teacher").sample([examples[i] for i in visited], k_teacher, c.temperature)
@@ -73,10 +74,17 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     policy_engine, rm_engine, reference = game_engines(cfg, policy, rm)
     device = policy_engine.device
 
-    pref_batches = minibatches(len(pairs), min(c.rm_pref_batch, len(pairs)), cfg.seed + 1)
-    history: list[dict] = []
+    pref_batches = Minibatches(len(pairs), min(c.rm_pref_batch, len(pairs)), cfg.seed + 1)
+    checkpoints = run.checkpoints(policy=policy_engine, rm=rm_engine)
+    resumed = checkpoints.restore()
+    if resumed:
+        pref_batches.load_state_dict(resumed["pref_batches"])
+    history: list[dict] = resumed.get("history", [])
+    first = resumed.get("step", 0) + 1
     started = time.time()
-    for iteration, idx in run.tracker.progress(enumerate(schedule, start=1), total=c.iterations, desc="minmax"):
+    for iteration in run.tracker.progress(range(first, c.iterations + 1), total=c.iterations - first + 1,
+                                          desc="minmax"):
+        idx = schedule[iteration - 1]
         clock = time.perf_counter()
         # 1. Student samples from pi_old.
         samples, prompt_index, rollout = sample_rollouts(cfg, policy_engine, tokenizer, student_prompts, idx)
@@ -100,6 +108,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
                 teacher_rewards=score(rm_engine, teacher_rm_batch),
                 student_rewards=score(rm_engine, student_rm_batch),
                 chosen_rewards=chosen_r, rejected_rewards=rejected_r, beta=c.beta, reward_l2=c.reward_l2)
+            checkpoints.require_finite(loss.item(), iteration, "RM objective")
             rm_engine.backward(loss)
             rm_engine.step()
 
@@ -125,6 +134,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
                     kl = kl_penalty(logprobs, ref_logprobs[rows], mask)
                     loss = loss + c.kl_coef * kl
                     metrics["kl"] = kl.item()
+                checkpoints.require_finite(loss.item(), iteration, "policy loss")
                 policy_engine.backward(loss)
                 policy_engine.step()
                 pg_metrics.append(metrics)
@@ -138,8 +148,10 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         }
         history.append(figures)
         log_iteration(run, cfg, iteration, figures, seconds, samples, started)
+        checkpoints.step_done(iteration, lambda: {"step": iteration, "pref_batches": pref_batches.state_dict(),
+                                                  "history": history})
 
     save_model(policy_engine, tokenizer, run.dir / "model")
     save_model(rm_engine, rm_tokenizer, run.dir / "rm")
-    return {"iterations": c.iterations, "model_dir": str(run.dir / "model"), "rm_dir": str(run.dir / "rm"),
+    return {"iterations": c.iterations, "overlong_prompts": overlong, "model_dir": str(run.dir / "model"), "rm_dir": str(run.dir / "rm"),
             "final": settled(history)}

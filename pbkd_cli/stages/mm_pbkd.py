@@ -22,7 +22,7 @@ import time
 import torch
 
 from pbkd_cli.config.schema import Baseline, PbkdConfig
-from pbkd_cli.data.prompts import TokenBatch, collate, encode_pairs, encode_prompts
+from pbkd_cli.data.prompts import TokenBatch, collate, encode_pairs, encode_prompts, fit_to_context
 from pbkd_cli.engine import save_model
 from pbkd_cli.objectives.bradley_terry import pairwise_accuracy
 from pbkd_cli.objectives.moment_matching import implied_rewards, q_game_objective, student_moment_matching_loss
@@ -31,7 +31,7 @@ from pbkd_cli.objectives.policy_gradient import (clipped_policy_gradient_loss, g
 from pbkd_cli.runner import Run
 from pbkd_cli.stages._game import (game_data, game_engines, log_iteration, mean_metrics, sample_figures,
                                    sample_rollouts, settled, token_logprobs)
-from pbkd_cli.stages._shared import load_lm, minibatches
+from pbkd_cli.stages._shared import Minibatches, load_lm
 from pbkd_cli.stages._white_box import (ImpliedRewards, load_q_model, load_teacher, next_token_logits,
                                         next_token_probs)
 
@@ -46,6 +46,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     rollouts = c.prompts_per_iteration * c.samples_per_prompt
 
     tokenizer, policy = load_lm(cfg, "student")
+    examples, overlong = fit_to_context(examples, examples, cfg.data, tokenizer, "minmax")
     _, q_model = load_q_model(cfg, tokenizer)
     teacher = load_teacher(cfg, tokenizer)
     vocab, pad = len(tokenizer), tokenizer.pad_token_id
@@ -56,11 +57,18 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     policy_engine, q_engine, reference = game_engines(cfg, policy, q_model)
     device = policy_engine.device
 
-    prompt_batches = minibatches(len(examples), c.prompts_per_iteration, cfg.seed)
-    pref_batches = minibatches(len(pairs), min(c.rm_pref_batch, len(pairs)), cfg.seed + 1)
-    history: list[dict] = []
+    prompt_batches = Minibatches(len(examples), c.prompts_per_iteration, cfg.seed)
+    pref_batches = Minibatches(len(pairs), min(c.rm_pref_batch, len(pairs)), cfg.seed + 1)
+    checkpoints = run.checkpoints(policy=policy_engine, q=q_engine)
+    resumed = checkpoints.restore()
+    if resumed:
+        prompt_batches.load_state_dict(resumed["prompt_batches"])
+        pref_batches.load_state_dict(resumed["pref_batches"])
+    history: list[dict] = resumed.get("history", [])
+    first = resumed.get("step", 0) + 1
     started = time.time()
-    for iteration in run.tracker.progress(range(1, c.iterations + 1), total=c.iterations, desc="mm-pbkd"):
+    for iteration in run.tracker.progress(range(first, c.iterations + 1), total=c.iterations - first + 1,
+                                          desc="mm-pbkd"):
         idx = next(prompt_batches)
         clock = time.perf_counter()
         # 1. Student samples from pi_old, and the teacher's distribution at every state they visit.
@@ -84,6 +92,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
             loss, q_metrics = q_game_objective(next_token_logits(q_engine, rollout, vocab), expert_probs, actions,
                                                mask, chosen_r, rejected_r, beta=c.beta, reward_l2=c.reward_l2,
                                                student_probs=old_probs)
+            checkpoints.require_finite(loss.item(), iteration, "Q objective")
             q_engine.backward(loss)
             q_engine.step()
 
@@ -111,6 +120,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
                     kl = kl_penalty(logprobs, ref_logprobs[rows], mask[rows])
                     loss = loss + c.kl_coef * kl
                     metrics["kl"] = kl.item()
+                checkpoints.require_finite(loss.item(), iteration, "policy loss")
                 policy_engine.backward(loss)
                 policy_engine.step()
                 step_metrics.append(metrics)
@@ -124,8 +134,11 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         }
         history.append(figures)
         log_iteration(run, cfg, iteration, figures, seconds, samples, started)
+        checkpoints.step_done(iteration, lambda: {"step": iteration, "history": history,
+                                                  "prompt_batches": prompt_batches.state_dict(),
+                                                  "pref_batches": pref_batches.state_dict()})
 
     save_model(policy_engine, tokenizer, run.dir / "model")
     save_model(q_engine, tokenizer, run.dir / "rm")
-    return {"variant": cfg.variant.value, "iterations": c.iterations, "model_dir": str(run.dir / "model"),
+    return {"variant": cfg.variant.value, "iterations": c.iterations, "overlong_prompts": overlong, "model_dir": str(run.dir / "model"),
             "rm_dir": str(run.dir / "rm"), "final": settled(history)}

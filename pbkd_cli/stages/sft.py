@@ -17,7 +17,7 @@ import time
 import torch
 
 from pbkd_cli.config.schema import Divergence, KDConfig, PbkdConfig, ResponseSource
-from pbkd_cli.data.prompts import collate, encode_prompts, encode_responses, gold_response
+from pbkd_cli.data.prompts import collate, encode_prompts, encode_responses, fit_to_context, gold_response
 from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import build_engine, save_model
 from pbkd_cli.generation import generate
@@ -25,7 +25,7 @@ from pbkd_cli.io import PbkdError, write_jsonl
 from pbkd_cli.objectives.divergences import distillation_loss
 from pbkd_cli.objectives.language_modeling import response_nll_loss
 from pbkd_cli.runner import Run
-from pbkd_cli.stages._shared import ResponseSampler, load_lm, minibatches
+from pbkd_cli.stages._shared import Minibatches, ResponseSampler, load_lm
 from pbkd_cli.stages._white_box import load_teacher, next_token_logits
 
 
@@ -37,8 +37,9 @@ def teacher_responses(cfg: PbkdConfig, run: Run, examples, sampler: ResponseSamp
         progress=lambda it, total: run.tracker.progress(it, total, desc="teacher samples"))
     repeated = [ex for ex in examples for _ in range(k)]
     flat = [text for group in texts for text in group]
-    write_jsonl(run.dir / "teacher_responses.jsonl",
-                [{"id": ex.id, "question": ex.question, "response": text} for ex, text in zip(repeated, flat)])
+    if run.is_main:
+        write_jsonl(run.dir / "teacher_responses.jsonl",
+                    [{"id": ex.id, "question": ex.question, "response": text} for ex, text in zip(repeated, flat)])
     return repeated, flat
 
 
@@ -78,6 +79,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     examples = load_examples(cfg.data, "train")
     if not examples:
         raise PbkdError("data: the train split is empty")
+    examples, overlong = fit_to_context(examples, examples, cfg.data, tokenizer, "sft train")
     teacher = load_teacher(cfg, tokenizer) if kd.loss is not None else None
     if cfg.sft.source == ResponseSource.teacher:
         if role == "teacher":
@@ -92,14 +94,21 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     targets = encode_responses(responses, cfg.data, tokenizer)
 
     engine = build_engine(policy, trainer, cfg.deepspeed)
-    batches = minibatches(len(prompts), trainer.micro_batch_size, cfg.seed)
-    on_policy = random.Random(cfg.seed)
-    window, started, tokens = [], time.time(), 0
-    for step in run.tracker.progress(range(1, trainer.max_steps + 1), total=trainer.max_steps, desc="sft"):
-        for _ in range(trainer.grad_accum):
+    batches = Minibatches(len(prompts), trainer.micro_batch_size, cfg.seed)
+    checkpoints = run.checkpoints(policy=engine)
+    resumed = checkpoints.restore()
+    if resumed:
+        batches.load_state_dict(resumed["batches"])
+    window, last_loss = resumed.get("window", []), resumed.get("last_loss")
+    started, tokens = time.time(), 0
+    first = resumed.get("step", 0) + 1
+    for step in run.tracker.progress(range(first, trainer.max_steps + 1), total=trainer.max_steps - first + 1,
+                                     desc="sft"):
+        for micro in range(trainer.grad_accum):
             idx = next(batches)
             batch_prompts = [prompts[i] for i in idx]
-            if teacher is not None and on_policy.random() < kd.on_policy_ratio:
+            # GKD's coin for this micro-batch: a function of (seed, step), so a resumed run tosses the same.
+            if teacher is not None and random.Random(f"{cfg.seed}/{step}/{micro}").random() < kd.on_policy_ratio:
                 batch_targets = student_responses(engine, tokenizer, batch_prompts, cfg)
             else:
                 batch_targets = [targets[i] for i in idx]
@@ -116,15 +125,18 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
                 metrics = {"ce": metrics["loss"], kd.loss.value: divergence.item()}
                 loss = divergence + kd.ce_weight * loss
                 metrics["loss"] = loss.item()
+            checkpoints.require_finite(metrics["loss"], step)
             engine.backward(loss)
             engine.step()
             window.append(metrics)
             tokens += int(batch.attention_mask.sum())
         if step % trainer.log_every == 0 or step == trainer.max_steps:
             means = {key: sum(m[key] for m in window) / len(window) for key in window[0]}
-            run.tracker.log({**means, "lr": engine.get_lr()[0],
-                             "tokens_per_second": tokens / (time.time() - started)}, step, prefix="sft/")
+            means = run.tracker.log({**means, "lr": engine.get_lr()[0],
+                                     "tokens_per_second": tokens / (time.time() - started)}, step, prefix="sft/")
             last_loss, window = means["loss"], []
+        checkpoints.step_done(step, lambda: {"step": step, "batches": batches.state_dict(),
+                                             "window": window, "last_loss": last_loss})
 
     save_model(engine, tokenizer, run.dir / "model")
     test = load_examples(cfg.data, "test")
@@ -137,6 +149,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         "source": cfg.sft.source.value,
         "kd_loss": kd.loss.value if kd.loss is not None else None,
         "train_pairs": len(prompts),
+        "overlong_prompts": overlong,
         "steps": trainer.max_steps,
         "final_train_loss": round(last_loss, 6),
         "test_gold_nll": round(test_nll, 6) if test_nll is not None else None,

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import random
 
-import torch
-
 from pbkd_cli.config.schema import PbkdConfig, Variant
 from pbkd_cli.data.preferences import load_preferences
-from pbkd_cli.data.prompts import collate, encode_pairs
+from pbkd_cli.data.prompts import collate, encode_pairs, fit_to_context, pair_examples
 from pbkd_cli.engine import build_engine, save_model
 from pbkd_cli.io import PbkdError
 from pbkd_cli.models.reward import score
 from pbkd_cli.objectives.bradley_terry import bradley_terry_loss, pairwise_accuracy
 from pbkd_cli.runner import Run
-from pbkd_cli.stages._shared import batched_rewards, load_rm, load_role_tokenizer, minibatches
+from pbkd_cli.stages._shared import Minibatches, batched_rewards, load_rm, load_role_tokenizer
 from pbkd_cli.stages._white_box import ImpliedRewards, load_q_model, load_teacher
 
 
@@ -43,32 +41,40 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     if cfg.train_rm.prefs_path is None:
         raise PbkdError("train_rm.prefs_path: set it to a preference file (collect-prefs writes prefs.jsonl)")
     pairs = load_preferences(cfg.train_rm.prefs_path, "train_rm.prefs_path")
-    order = list(range(len(pairs)))
-    random.Random(cfg.seed).shuffle(order)
-    n_heldout = int(len(pairs) * cfg.train_rm.heldout_fraction)
-    heldout, train = [pairs[i] for i in order[:n_heldout]], [pairs[i] for i in order[n_heldout:]]
-
     if cfg.variant == Variant.white_box:
         tokenizer, rm = load_q_model(cfg, load_role_tokenizer(cfg, "student"))
         reward = ImpliedRewards(load_teacher(cfg, tokenizer), len(tokenizer), cfg.minmax.white_box.gamma)
     else:
         tokenizer, rm = load_rm(cfg)
         reward = score
+    pairs, overlong = fit_to_context(pairs, pair_examples(pairs), cfg.data, tokenizer, "train-rm pairs")
+    order = list(range(len(pairs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_heldout = int(len(pairs) * cfg.train_rm.heldout_fraction)
+    heldout, train = [pairs[i] for i in order[:n_heldout]], [pairs[i] for i in order[n_heldout:]]
     prompts, chosen, rejected = encode_pairs(train, cfg.data, tokenizer)
     pad = tokenizer.pad_token_id
     trainer = cfg.trainer
     engine = build_engine(rm, trainer, cfg.deepspeed)
-    batches = minibatches(len(train), min(trainer.micro_batch_size, len(train)), cfg.seed)
-    for step in run.tracker.progress(range(1, trainer.max_steps + 1), total=trainer.max_steps, desc="train-rm"):
+    batches = Minibatches(len(train), min(trainer.micro_batch_size, len(train)), cfg.seed)
+    checkpoints = run.checkpoints(rm=engine)
+    resumed = checkpoints.restore()
+    if resumed:
+        batches.load_state_dict(resumed["batches"])
+    first = resumed.get("step", 0) + 1
+    for step in run.tracker.progress(range(first, trainer.max_steps + 1), total=trainer.max_steps - first + 1,
+                                     desc="train-rm"):
         for _ in range(trainer.grad_accum):
             batch = pair_batch(prompts, chosen, rejected, next(batches), pad).to(engine.device)
             rc, rr = reward(engine, batch).chunk(2)
             loss = bradley_terry_loss(rc, rr)
+            checkpoints.require_finite(loss.item(), step)
             engine.backward(loss)
             engine.step()
         if step % trainer.log_every == 0 or step == trainer.max_steps:
             run.tracker.log({"bt_loss": loss.item(), "accuracy": pairwise_accuracy(rc, rr).item(),
                              "lr": engine.get_lr()[0]}, step, prefix="rm/")
+        checkpoints.step_done(step, lambda: {"step": step, "batches": batches.state_dict()})
 
     save_model(engine, tokenizer, run.dir / "model")
     engine.module.eval()
@@ -77,6 +83,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     summary = {
         "prefs_path": str(cfg.train_rm.prefs_path),
         "train_pairs": len(train),
+        "overlong_prompts": overlong,
         "heldout_pairs": len(heldout),
         # The MLE loss on the training pairs: the reference level of the confidence set.
         "mle_loss": round(fit["bt_loss"], 6),

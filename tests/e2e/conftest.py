@@ -72,3 +72,20 @@ def trained_teacher(workdir) -> Path:
     run_dir = workdir / "teacher"
     ok(pbkd("sft", *TINY, "sft.model=teacher", "trainer.max_steps=6", f"hydra.run.dir={run_dir}", cwd=workdir))
     return run_dir / "model"
+
+
+@pytest.fixture(scope="session")
+def prefs(workdir, trained_teacher) -> Path:
+    """The run directory of a tiny collect-prefs run (teacher-preferred pairs)."""
+    run_dir = workdir / "prefs"
+    ok(pbkd("collect-prefs", *TINY, *PREFS, f"model.teacher.name_or_path={trained_teacher}",
+            f"hydra.run.dir={run_dir}", cwd=workdir))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def reward_model(workdir, prefs) -> Path:
+    run_dir = workdir / "rm"
+    ok(pbkd("train-rm", *TINY, f"train_rm.prefs_path={prefs / 'prefs.jsonl'}", "train_rm.heldout_fraction=0.25",
+            f"hydra.run.dir={run_dir}", cwd=workdir))
+    return run_dir

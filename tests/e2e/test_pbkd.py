@@ -8,27 +8,9 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from pbkd_cli.data.preferences import load_preferences
 
 from .conftest import MINMAX, PREFS, TINY, ok, pbkd, summary
-
-
-@pytest.fixture(scope="module")
-def prefs(workdir, trained_teacher):
-    run_dir = workdir / "prefs"
-    ok(pbkd("collect-prefs", *TINY, *PREFS, f"model.teacher.name_or_path={trained_teacher}",
-            f"hydra.run.dir={run_dir}", cwd=workdir))
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def reward_model(workdir, prefs):
-    run_dir = workdir / "rm"
-    ok(pbkd("train-rm", *TINY, f"train_rm.prefs_path={prefs / 'prefs.jsonl'}", "train_rm.heldout_fraction=0.25",
-            f"hydra.run.dir={run_dir}", cwd=workdir))
-    return run_dir
 
 
 def test_collect_prefs_writes_teacher_preferred_pairs(prefs):

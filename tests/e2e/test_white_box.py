@@ -15,18 +15,15 @@ def metrics_of(run_dir):
 
 
 @pytest.fixture(scope="module")
-def prefs(workdir, trained_teacher):
-    run_dir = workdir / "wb_prefs"
-    ok(pbkd("collect-prefs", *TINY, *PREFS, f"model.teacher.name_or_path={trained_teacher}",
-            f"hydra.run.dir={run_dir}", cwd=workdir))
-    return run_dir / "prefs.jsonl"
+def prefs_file(prefs):
+    return prefs / "prefs.jsonl"
 
 
 @pytest.fixture(scope="module")
-def q_function(workdir, trained_teacher, prefs):
+def q_function(workdir, trained_teacher, prefs_file):
     """Q pre-trained on the preferences, starting from the teacher's weights."""
     run_dir = workdir / "wb_q"
-    ok(pbkd("train-rm", *TINY, "variant=white_box", f"train_rm.prefs_path={prefs}", "train_rm.heldout_fraction=0.25",
+    ok(pbkd("train-rm", *TINY, "variant=white_box", f"train_rm.prefs_path={prefs_file}", "train_rm.heldout_fraction=0.25",
             f"model.teacher.name_or_path={trained_teacher}", f"model.rm.name_or_path={trained_teacher}",
             f"hydra.run.dir={run_dir}", cwd=workdir))
     return run_dir
@@ -85,11 +82,11 @@ def test_q_pretraining_saves_a_causal_lm_and_reports_heldout_accuracy(q_function
     assert q.config.vocab_size >= 300
 
 
-def test_mm_pbkd_plays_the_q_game(workdir, trained_teacher, prefs, q_function):
+def test_mm_pbkd_plays_the_q_game(workdir, trained_teacher, prefs_file, q_function):
     run_dir = workdir / "mm_pbkd"
     ok(pbkd("minmax", *TINY, *MINMAX, "variant=white_box", "minmax.reward_l2=0.1",
             f"model.teacher.name_or_path={trained_teacher}", f"model.rm.name_or_path={q_function / 'model'}",
-            f"minmax.prefs_path={prefs}", f"hydra.run.dir={run_dir}", cwd=workdir))
+            f"minmax.prefs_path={prefs_file}", f"hydra.run.dir={run_dir}", cwd=workdir))
     metrics = metrics_of(run_dir)
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("minmax/q/moment_gap", "minmax/q/bt_loss", "minmax/q/moment_l2", "minmax/q/pref_accuracy",
