@@ -152,8 +152,42 @@ _stage("collect-prefs", "Sample teacher and student responses and label preferen
 _stage("train-rm", "Fit the reward model to preference pairs by Bradley-Terry MLE.")
 _stage("minmax", "Offline PbKD: the min-max game between student and reward model.")
 _stage("online", "Online PbKD: iterate collect -> refit RM -> min-max.")
-_stage("eval", "Exact-match accuracy of a model on the test split.")
+_stage("eval", "Score one or several models on benchmarks (task, GSM8K, multiple choice, ROUGE-L): one table.")
 _stage("pipeline", "Every stage in order, ending with the comparison table.")
+
+
+@app.command("report")
+def report(
+    paths: list[Path] = typer.Argument(..., help="Run, pipeline or multirun directories (searched recursively)."),
+    out: Path | None = typer.Option(None, "--out", help="Report directory (default: <first path>/report)."),
+) -> None:
+    """Tables (accuracy mean ± std over seeds, per config) and plots (training curves, online
+    iterations, RM accuracy) over finished runs, written to report.md and PNGs."""
+    from pbkd_cli.report import write_report
+
+    try:
+        written = write_report(paths, out, warn=lambda message: typer.echo(f"warning: {message}", err=True))
+    except Exception as exc:
+        reported = one_line_exit(exc)
+        if reported is None:
+            raise
+        code, message = reported
+        typer.echo(message, err=True)
+        raise typer.Exit(code)
+    typer.echo(f"report: {written / 'report.md'}")
+
+
+@app.command("serve")
+def serve_command(
+    model: str = typer.Argument(..., help="A model directory or hub id (safetensors)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port (0: any free port)."),
+    name: str = typer.Option("pbkd", help="The model name clients send."),
+) -> None:
+    """Serve a local model behind an OpenAI-compatible chat-completions API (a black-box teacher or judge)."""
+    from pbkd_cli.generation.server import serve
+
+    serve(model, host, port, name)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pbkd_cli.config.schema import PbkdConfig
 CONF_DIR = Path(os.environ.get("PBKD_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
 
 ConfigStore.instance().store(name="pbkd_schema", node=PbkdConfig)
+# `${pbkd_root:}`: the checkout's root, for configs that name files shipped with it (test fixtures).
+OmegaConf.register_new_resolver("pbkd_root", lambda: str(Path(__file__).resolve().parents[2]), replace=True)
 
 
 class ConfigError(ValueError):
@@ -83,8 +85,9 @@ def to_typed(cfg: DictConfig) -> PbkdConfig:
         # Merging into a fresh struct copy of the schema rejects keys added with `+key=...`.
         schema = OmegaConf.structured(PbkdConfig)
         OmegaConf.set_struct(schema, True)
-        for free_form in ("deepspeed", "stage_overrides"):  # dicts whose keys the schema leaves open
-            OmegaConf.set_struct(schema[free_form], False)
+        # Dicts whose keys the schema leaves open (benchmark entries are still checked against theirs).
+        for free_form in ("deepspeed", "stage_overrides", "eval.models", "eval.benchmarks"):
+            OmegaConf.set_struct(OmegaConf.select(schema, free_form), False)
         # A plain container: keys Hydra added carry flags that would let them past the schema.
         cfg = OmegaConf.merge(schema, OmegaConf.to_container(cfg, resolve=True))
         missing = sorted(OmegaConf.missing_keys(cfg))

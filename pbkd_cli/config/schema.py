@@ -46,6 +46,9 @@ class ApiConfig:
     timeout_s: float = 60.0
     max_retries: int = 3
     concurrency: int = 4
+    # Responses stored by request (endpoint, model, messages, sampling settings; never the key), so a
+    # rerun asks nothing twice; null: no cache.
+    cache_dir: Optional[str] = "~/.cache/pbkd/api"
 
 
 @dataclass
@@ -124,10 +127,18 @@ class DataConfig:
     overlong_prompts: OverlongPrompts = OverlongPrompts.truncate
 
 
+class GenerationBackend(str, Enum):
+    auto = "auto"  # vLLM when it is installed and a GPU is present, else Hugging Face generate
+    hf = "hf"
+    vllm = "vllm"
+
+
 @dataclass
 class GenerationConfig:
     """Sampling settings shared by every stage that generates."""
 
+    # Who samples fixed models (collection, evaluation); the min-max game always uses `hf`.
+    backend: GenerationBackend = GenerationBackend.auto
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
@@ -237,9 +248,36 @@ class SFTConfig:
     kd: KDConfig = field(default_factory=KDConfig)
 
 
+class BenchmarkKind(str, Enum):
+    task = "task"  # the run's own `data` task (its test split), exact match of the final number
+    gsm8k = "gsm8k"  # GSM8K-format word problems, exact match of the final number
+    multiple_choice = "multiple_choice"  # ARC / MMLU style, the choice of highest log-likelihood
+    instruction = "instruction"  # Dolly / Self-Instruct / Vicuna style, ROUGE-L of a greedy answer
+
+
+@dataclass
+class BenchmarkConfig:
+    """One benchmark of `eval`, from a local JSONL file (`path`) or the hub (`hub_id`, `hub_config`, `split`)."""
+
+    kind: BenchmarkKind = BenchmarkKind.task
+    path: Optional[str] = None
+    hub_id: Optional[str] = None
+    hub_config: Optional[str] = None
+    split: str = "test"
+    limit: Optional[int] = None
+    # multiple_choice: {question}, each choice scored as the continuation " <choice>";
+    # instruction: {instruction} (the context, if any, appended to it).
+    prompt_template: str = "Question: {question}\nAnswer:"
+
+
 @dataclass
 class EvalConfig:
     model: ModelRole = ModelRole.student
+    # Several checkpoints in one run and one comparison table: label -> name_or_path of `model.<model>`
+    # (`+eval.models.kd=outputs/.../model`; null: built from `tiny`); empty: the configured model alone.
+    models: Dict[str, Optional[str]] = field(default_factory=dict)
+    # name -> benchmark (`conf/benchmarks/`); empty: the run's own task.
+    benchmarks: Dict[str, BenchmarkConfig] = field(default_factory=dict)
     split: str = "test"
     limit: Optional[int] = None
     # n > 1 adds sampled accuracy (mean over samples) and majority vote over the n samples.

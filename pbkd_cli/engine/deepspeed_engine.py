@@ -80,15 +80,18 @@ def build_engine(model: torch.nn.Module, trainer: TrainerConfig, ds: dict[str, A
     deepspeed = _deepspeed()
     if trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False  # the cache is useless with recomputation, and HF warns
+    # A training forward has no use for a KV cache (building one costs a copy per layer, and backward
+    # runs through it); `generation.hf.generate` asks for the cache explicitly.
+    model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
     if "optimizer" in config:  # DeepSpeed's own optimiser (CPU offload), with the trainer's settings
         config["optimizer"]["params"] = {**config["optimizer"].get("params", {}), "lr": trainer.lr,
                                          "betas": list(trainer.adam_betas), "weight_decay": trainer.weight_decay}
     else:
+        # fused: one kernel over all parameters (CPU and CUDA); the default is a Python loop over them.
         optimizer = torch.optim.AdamW(params, lr=trainer.lr, betas=tuple(trainer.adam_betas),
-                                      weight_decay=trainer.weight_decay)
+                                      weight_decay=trainer.weight_decay, fused=True)
     warmup = int(trainer.warmup_ratio * trainer.max_steps)
 
     def schedule(opt):
@@ -97,6 +100,9 @@ def build_engine(model: torch.nn.Module, trainer: TrainerConfig, ds: dict[str, A
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                       lr_scheduler=schedule, config=config)
+    if distributed_context().world_size == 1 and config.get("zero_optimization", {}).get("stage", 0) == 0:
+        # One rank without ZeRO: the gradient all-reduce would only flatten, copy and divide by 1.
+        engine.enable_backward_allreduce = False
     return engine
 
 
@@ -107,6 +113,7 @@ def build_frozen_engine(model: torch.nn.Module, ds: dict[str, Any]):
     one device still fits; otherwise it is simply moved to this rank's device.
     """
     model.eval().requires_grad_(False)
+    model.config.use_cache = False  # forward passes only; `generate` asks for its cache explicitly
     zero = dict(ds.get("zero_optimization", {}))
     if zero.get("stage", 0) != 3:
         return model.to(inference_device())
@@ -130,6 +137,8 @@ def save_model(engine_or_model, tokenizer, path: str | Path) -> None:
     if not distributed_context().is_main:
         return
     with atomic_directory(path) as tmp:
+        use_cache, module.config.use_cache = module.config.use_cache, True  # the saved model generates as usual
         module.save_pretrained(tmp, state_dict=state_dict)
+        module.config.use_cache = use_cache
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -1,11 +1,13 @@
 """A client for OpenAI-compatible chat-completion endpoints (a black-box teacher, an LLM judge).
 
 The API key is read from the environment variable the config names, never from the config itself,
-and never logged.
+and never logged. Responses are cached on disk by request, so a rerun (a resumed collection, the
+same prompts in another experiment) costs no API calls; the key is not part of the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -14,8 +16,9 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
-from pbkd_cli.io import PbkdError
+from pbkd_cli.io import PbkdError, atomic_write_json
 
 log = logging.getLogger("pbkd")
 
@@ -29,12 +32,29 @@ class ChatEndpoint:
     max_retries: int = 3
     concurrency: int = 4
     config_key: str = "api"  # where the endpoint is configured, for error messages
+    cache_dir: str | None = None
+
+    def _cache_file(self, body: bytes) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha256(self.base_url.rstrip("/").encode() + b"\n" + body).hexdigest()
+        return Path(self.cache_dir).expanduser() / key[:2] / f"{key}.json"
 
     def complete(self, messages: list[dict], *, temperature: float = 0.0, max_tokens: int = 256,
                  n: int = 1) -> list[str]:
-        """The texts of `n` completions of one chat, retrying with backoff on transient failures."""
+        """The texts of `n` completions of one chat (from the cache when this request was made before)."""
         body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
-                           "max_tokens": max_tokens, "n": n}).encode()
+                           "max_tokens": max_tokens, "n": n}, sort_keys=True).encode()
+        cached = self._cache_file(body)
+        if cached is not None and cached.is_file():
+            return json.loads(cached.read_text())["texts"]
+        texts = self._request(body)
+        if cached is not None:
+            atomic_write_json(cached, {"texts": texts})
+        return texts
+
+    def _request(self, body: bytes) -> list[str]:
+        """POST one request, retrying with backoff on transient failures."""
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:

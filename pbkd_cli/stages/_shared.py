@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -81,7 +82,20 @@ def endpoint(api, key: str):
         return None
     return ChatEndpoint(base_url=api.base_url, model=api.model, api_key_env=api.api_key_env,
                         timeout_s=api.timeout_s, max_retries=api.max_retries, concurrency=api.concurrency,
+                        cache_dir=api.cache_dir,
                         config_key=key)
+
+
+def load_sampling_model(cfg: PbkdConfig, role: str):
+    """(tokenizer, HF model or None, vLLM generator or None) for a model that only samples."""
+    from pbkd_cli.generation.vllm_backend import VLLMGenerator, use_vllm
+
+    model_cfg = getattr(cfg.model, role)
+    if use_vllm(cfg.generation.backend, model_cfg, f"model.{role}"):
+        tokenizer = load_role_tokenizer(cfg, role)
+        return tokenizer, None, VLLMGenerator(model_cfg, tokenizer, cfg.seed)
+    tokenizer, model = load_lm(cfg, role)
+    return tokenizer, model.to(inference_device()), None
 
 
 class ResponseSampler:
@@ -92,9 +106,9 @@ class ResponseSampler:
         self.tokenizer, self.model = tokenizer, model
         self.generated_tokens = 0  # by the local model, for throughput figures
         self.api = endpoint(getattr(cfg.model, role).api, f"model.{role}.api")
+        self.vllm = None
         if self.api is None and model is None:
-            self.tokenizer, self.model = load_lm(cfg, role)
-            self.model.to(inference_device())
+            self.tokenizer, self.model, self.vllm = load_sampling_model(cfg, role)
 
     def sample(self, examples, k: int, temperature: float, progress=None) -> list[list[str]]:
         from pbkd_cli.data.prompts import encode_prompts
@@ -105,10 +119,11 @@ class ResponseSampler:
             chats = [[{"role": "user", "content": data.prompt_template.format(question=ex.question)}]
                      for ex in examples]
             return self.api.complete_many(chats, temperature=temperature, max_tokens=data.max_response_tokens, n=k)
-        samples = generate(self.model, self.tokenizer, encode_prompts(examples, data, self.tokenizer),
-                           num_samples=k, temperature=temperature, top_p=self.cfg.generation.top_p,
-                           max_new_tokens=data.max_response_tokens, batch_size=self.cfg.generation.batch_size,
-                           **({"progress": progress} if progress else {}))
+        sample = self.vllm.generate if self.vllm is not None else partial(generate, self.model, self.tokenizer)
+        samples = sample(encode_prompts(examples, data, self.tokenizer),
+                         num_samples=k, temperature=temperature, top_p=self.cfg.generation.top_p,
+                         max_new_tokens=data.max_response_tokens, batch_size=self.cfg.generation.batch_size,
+                         **({"progress": progress} if progress else {}))
         self.generated_tokens += samples.generated_tokens
         return [samples.texts[i * k:(i + 1) * k] for i in range(len(examples))]
 

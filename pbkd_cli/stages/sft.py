@@ -123,7 +123,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
                                                batch.response_mask[:, 1:], temperature=kd.temperature,
                                                chunk_size=kd.chunk_size, **divergence_parameters(kd))
                 metrics = {"ce": metrics["loss"], kd.loss.value: divergence.item()}
-                loss = divergence + kd.ce_weight * loss
+                loss = divergence + kd.ce_weight * loss if kd.ce_weight else divergence
                 metrics["loss"] = loss.item()
             checkpoints.require_finite(metrics["loss"], step)
             engine.backward(loss)

@@ -24,6 +24,9 @@ TINY = [
     "trainer.max_steps=4",
     "trainer.micro_batch_size=8",
     "trainer.log_every=2",
+    # Hermetic tests: no response cache shared through the home directory.
+    "model.teacher.api.cache_dir=null",
+    "collect_prefs.judge.cache_dir=null",
 ]
 for role in ("teacher", "student", "rm"):
     TINY += [f"model.{role}.tiny.hidden_size=32", f"model.{role}.tiny.num_hidden_layers=1",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -72,3 +74,28 @@ def test_unreachable_judge_is_one_line(workdir, trained_teacher):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: collect_prefs.judge.base_url=http://127.0.0.1:9/v1")
     assert not (workdir / "prefs_nojudge" / "prefs.jsonl").exists()
+
+
+def test_teacher_served_from_a_local_model_and_cached_so_a_rerun_asks_nothing(workdir, trained_teacher):
+    """`pbkd serve` puts the tiny teacher behind the OpenAI protocol; the client's cache answers reruns."""
+    server = subprocess.Popen([sys.executable, "-m", "pbkd_cli.cli", "serve", str(trained_teacher), "--port", "0",
+                               "--name", "tiny-teacher"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = server.stdout.readline().strip().split(" at ")[-1]
+        assert url.startswith("http://127.0.0.1:"), url
+        cache = workdir / "api_cache"
+        args = [*TINY, *PREFS, "collect_prefs.num_prompts=8", f"model.teacher.api.base_url={url}",
+                "model.teacher.api.model=tiny-teacher",
+                f"model.teacher.api.cache_dir={cache}", "model.teacher.api.max_retries=0"]
+        ok(pbkd("collect-prefs", *args, f"hydra.run.dir={workdir / 'prefs_served'}", cwd=workdir))
+    finally:
+        server.terminate()
+        server.wait()
+    pairs = load_preferences(workdir / "prefs_served" / "prefs.jsonl")
+    assert pairs and all(p.chosen_source == "teacher" and p.chosen.strip() for p in pairs)
+    assert len(list(cache.rglob("*.json"))) == 8  # one request (n=2 samples) per prompt
+
+    # The server is gone: the rerun can only succeed from the cache, and gives the same pairs.
+    ok(pbkd("collect-prefs", *args, f"hydra.run.dir={workdir / 'prefs_cached'}", cwd=workdir))
+    again = load_preferences(workdir / "prefs_cached" / "prefs.jsonl")
+    assert [(p.chosen, p.rejected) for p in again] == [(p.chosen, p.rejected) for p in pairs]

@@ -1,0 +1,69 @@
+"""Backend choice and the vLLM output conversion (no vLLM, no GPU needed), and the API response cache."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from pbkd_cli.config.schema import GenerationBackend, ModelConfig
+from pbkd_cli.generation import vllm_backend
+from pbkd_cli.generation.openai_api import ChatEndpoint
+from pbkd_cli.io import PbkdError
+from tests.chat_server import chat_server
+
+
+class Tokenizer:
+    def batch_decode(self, rows, skip_special_tokens):
+        return [" ".join(str(t) for t in row if t != 2) for row in rows]
+
+
+def test_vllm_outputs_become_samples_with_the_stop_token_kept():
+    outputs = [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[5, 6], finish_reason="stop"),
+                                        SimpleNamespace(token_ids=[7, 8, 9], finish_reason="length")]),
+               SimpleNamespace(outputs=[SimpleNamespace(token_ids=[4, 2], finish_reason="stop"),
+                                        SimpleNamespace(token_ids=[], finish_reason="stop")])]
+    samples = vllm_backend.samples_from_outputs(outputs, [[1], [1, 3]], 2, eos=2, tokenizer=Tokenizer())
+    assert samples.response_ids == [[5, 6, 2], [7, 8, 9], [4, 2], [2]]
+    assert samples.finished == [True, False, True, True]
+    assert samples.prompt_ids == [[1], [1], [1, 3], [1, 3]] and samples.texts[0] == "5 6"
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_auto_uses_vllm_only_when_installed_with_a_gpu_and_a_model_directory(monkeypatch, installed):
+    monkeypatch.setattr(vllm_backend.importlib.util, "find_spec", lambda name: object() if installed else None)
+    monkeypatch.setattr(vllm_backend.torch.cuda, "is_available", lambda: installed)
+    on_disk, tiny = ModelConfig(name_or_path="/models/teacher"), ModelConfig()
+    assert vllm_backend.use_vllm(GenerationBackend.auto, on_disk, "model.teacher") is installed
+    assert vllm_backend.use_vllm(GenerationBackend.auto, tiny, "model.teacher") is False
+    assert vllm_backend.use_vllm(GenerationBackend.hf, on_disk, "model.teacher") is False
+    if installed:
+        assert vllm_backend.use_vllm(GenerationBackend.vllm, on_disk, "model.teacher") is True
+        with pytest.raises(PbkdError, match="model.teacher has no name_or_path"):
+            vllm_backend.use_vllm(GenerationBackend.vllm, tiny, "model.teacher")
+    else:
+        with pytest.raises(PbkdError, match=r"generation.backend=vllm: needs vLLM installed"):
+            vllm_backend.use_vllm(GenerationBackend.vllm, on_disk, "model.teacher")
+
+
+def test_api_responses_are_cached_by_request_and_never_store_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("PBKD_TEST_KEY", "secret-key")
+    calls = []
+
+    def reply(body, headers):
+        calls.append(body)
+        return [f"answer {len(calls)}"] * body["n"]
+
+    with chat_server(reply) as url:
+        api = ChatEndpoint(base_url=url, model="m", api_key_env="PBKD_TEST_KEY", cache_dir=str(tmp_path))
+        chat = [{"role": "user", "content": "2 + 2?"}]
+        first = api.complete(chat, temperature=1.0, n=2)
+        assert api.complete(chat, temperature=1.0, n=2) == first == ["answer 1", "answer 1"]
+        assert len(calls) == 1
+        api.complete(chat, temperature=0.5, n=2)  # other sampling settings: another request
+        ChatEndpoint(base_url=url, model="other", cache_dir=str(tmp_path)).complete(chat, n=2)
+        assert len(calls) == 3
+    files = list(tmp_path.rglob("*.json"))
+    assert len(files) == 3 and all("secret-key" not in f.read_text() for f in files)
+    assert json.loads(files[0].read_text())["texts"]
