@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
@@ -37,7 +38,7 @@ class Tracker:
 
             # A rerun in the same directory (a resumed run) continues the same W&B run.
             id_file = run_dir / "wandb_run_id"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
             id_file.write_text(run_id + "\n")
 
             # The API key is read by wandb from WANDB_API_KEY; it is never part of `config`.

@@ -218,3 +218,17 @@ def test_rewind_drops_the_rows_logged_after_the_checkpoint(tmp_path):
     tracker.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(2, 2.0), (4, 4.0), (6, 60.0)]
+
+
+def test_offline_wandb_run_is_continued_by_a_rerun_in_the_same_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = []
+    for _ in range(2):
+        tracker = Tracker(tmp_path, LoggerConfig(mode=WandbMode.offline, progress_bars=False), {"seed": 0}, "t",
+                          is_main=True)
+        tracker.log({"loss": 1.0}, 1)
+        ids.append(tracker._wandb.id)
+        tracker.close()
+    assert ids[0] == ids[1] == (tmp_path / "wandb_run_id").read_text().strip()
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{ids[0]}"))
