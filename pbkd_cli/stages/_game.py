@@ -64,6 +64,7 @@ def game_engines(cfg: PbkdConfig, policy, adversary):
         trainer, lr=c.rm_lr, grad_accum=1, micro_batch_size=c.prompts_per_iteration,
         max_steps=c.iterations * c.rm_steps, global_batch_size=None), cfg.deepspeed)
     if reference is not None:
+        reference.config.use_cache = False  # forward passes only
         reference.to(policy_engine.device)
     return policy_engine, adversary_engine, reference
 
