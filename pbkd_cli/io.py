@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 class PbkdError(Exception):
@@ -59,21 +59,30 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
-    """Parse a JSONL file; a bad line raises PbkdError naming the file and line."""
+def numbered_jsonl(path: str | Path, what: str = "file",
+                   on_bad_line: Callable[[str], None] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file. A bad line raises PbkdError naming
+    the file and line, or, given `on_bad_line`, is reported to it with that message and skipped."""
     path = Path(path)
     if not path.is_file():
         raise PbkdError(f"{what}={path}: no such file")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
+                problem = None if isinstance(row, dict) else "expected a JSON object"
             except json.JSONDecodeError as exc:
-                raise PbkdError(f"{what}={path} line {number}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise PbkdError(f"{what}={path} line {number}: expected a JSON object")
-            rows.append(row)
-    return rows
+                problem = f"invalid JSON ({exc.msg})"
+            if problem is None:
+                yield number, row
+            elif on_bad_line is None:
+                raise PbkdError(f"{what}={path} line {number}: {problem}")
+            else:
+                on_bad_line(f"{path} line {number}: {problem}")
+
+
+def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
+    """Parse a JSONL file; a bad line raises PbkdError naming the file and line."""
+    return [row for _, row in numbered_jsonl(path, what)]

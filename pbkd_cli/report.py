@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 
 import yaml
 
-from pbkd_cli.io import PbkdError, atomic_directory
+from pbkd_cli.io import PbkdError, atomic_directory, numbered_jsonl
 
 TRAINING_STAGES = ("sft", "train_rm", "minmax")
 # What each per-iteration figure of `online` measures (online.py records no test-set accuracy per round).
@@ -381,19 +381,11 @@ def read_metrics(path: Path, warn: Warn) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                warn(f"report: {path} line {number}: invalid JSON ({exc.msg}), line skipped")
-                continue
-            if not isinstance(row, dict) or _number(row.get("step")) is None:
-                warn(f"report: {path} line {number}: not an object with a numeric step, line skipped")
-                continue
-            rows.append(row)
+    for number, row in numbered_jsonl(path, on_bad_line=lambda problem: warn(f"report: {problem}, line skipped")):
+        if _number(row.get("step")) is None:
+            warn(f"report: {path} line {number}: no numeric step, line skipped")
+            continue
+        rows.append(row)
     return rows
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pbkd_cli.config.schema import BenchmarkConfig, BenchmarkKind
 from pbkd_cli.data.examples import DataError
-from pbkd_cli.io import read_jsonl
+from pbkd_cli.io import numbered_jsonl
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ def _rows(cfg: BenchmarkConfig, key: str) -> list[tuple[str, dict]]:
     """(where, row) pairs: `file line N` for a local file, `hub row N` for the hub."""
     if cfg.path is not None:
         path = Path(cfg.path).expanduser()
-        return [(f"{key}.path={path} line {n}", row)
-                for n, row in enumerate(read_jsonl(path, f"{key}.path"), start=1)]
+        return [(f"{key}.path={path} line {n}", row) for n, row in numbered_jsonl(path, f"{key}.path")]
     if cfg.hub_id is None:
         raise DataError(f"{key}: set path (a local JSONL file) or hub_id (a hub data set)")
     from datasets import load_dataset

@@ -60,3 +60,11 @@ def test_bad_multiple_choice_rows_name_their_line(tmp_path, row, message):
 def test_a_benchmark_needs_a_source():
     with pytest.raises(PbkdError, match="eval.benchmarks.x: set path"):
         load_benchmark(BenchmarkConfig(kind=BenchmarkKind.instruction), "eval.benchmarks.x")
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps({"question": "ok", "choices": ["a", "b"], "answer": 0}) + "\n\n"
+                    + json.dumps({"question": "Q", "choices": ["a"], "answer": 0}) + "\n")
+    with pytest.raises(PbkdError, match=r"mc.jsonl line 3: 'choices'"):
+        load_benchmark(bench(BenchmarkKind.multiple_choice, path), "eval.benchmarks.mc")
