@@ -337,6 +337,19 @@ class Baseline(str, Enum):
     leave_one_out = "leave_one_out"  # mean of the other k - 1 samples (RLOO)
 
 
+class AdvantageScale(str, Enum):
+    none = "none"  # r - b as it is: the RM's scale sets the step size against the KL term
+    group = "group"  # divided by the std of the prompt's group (GRPO)
+    batch = "batch"  # divided by the std of all the iteration's advantages (REINFORCE++-style)
+
+
+class GameReward(str, Enum):
+    rm = "rm"  # the min-max game: the RM, kept in the confidence set, is the adversary (PbKD)
+    # A control without any RM: 1 for a response whose final answer is right and whose written steps
+    # hold, 0 otherwise (verifiable-reward RL). If this cannot raise accuracy, no learnt reward can.
+    correctness = "correctness"
+
+
 @dataclass
 class WhiteBoxConfig:
     """MM PbKD (`variant=white_box`): the RM is a Q-function Q(s, .) over the vocabulary."""
@@ -365,7 +378,10 @@ class MinMaxConfig:
     temperature: float = 1.0
     prompt_offset: int = 0
     num_prompts: Optional[int] = None
-    teacher_samples_per_prompt: int = 2
+    teacher_samples_per_prompt: int = 1
+    # The teacher's answers the RM compares the student's with: 0 is greedy (its best answer, as vanilla
+    # KD's data), which allows one sample per prompt.
+    teacher_temperature: float = 0.0
     # RM step: ascend mean r(teacher) - mean r(student) - beta * L_BT - reward_l2 * mean r^2.
     beta: float = 1.0
     reward_l2: float = 0.01
@@ -373,11 +389,21 @@ class MinMaxConfig:
     rm_steps: int = 1
     rm_pref_batch: int = 32
     # Student step: clipped policy gradient on group-baseline advantages, KL to the initial policy.
+    reward: GameReward = GameReward.rm
     clip_eps: float = 0.2
     ppo_epochs: int = 2
+    # Rollouts behind each optimiser step (a PPO minibatch); null: all of the iteration's rollouts.
+    rollouts_per_update: Optional[int] = None
     baseline: Baseline = Baseline.group_mean
-    normalize_advantages: bool = False
+    advantage_scale: AdvantageScale = AdvantageScale.batch
+    # Weight on negative advantages: 1 is the plain policy gradient, 0 keeps only the samples that beat
+    # their group (RFT/ReST-style filtered update).
+    negative_weight: float = 1.0
     kl_coef: float = 0.01
+    # Greedy accuracy on the first `eval_prompts` test problems every `eval_every` iterations (0: never),
+    # logged as minmax/heldout_accuracy: the sampled accuracy on training prompts is too noisy to steer by.
+    eval_every: int = 0
+    eval_prompts: int = 200
     white_box: WhiteBoxConfig = field(default_factory=WhiteBoxConfig)
 
 
@@ -400,6 +426,9 @@ class PipelineConfig:
     # Initialise the reward model's backbone from this pipeline's teacher or SFT student (a value
     # head on a model that already solves the task); null keeps `model.rm` as configured.
     rm_init: Optional[ModelRole] = None
+    # The control rows: RL with the verifiable reward (what a perfect RM could give) and GAD (the game
+    # without the preference anchor). Two more games; `make demo` leaves them out to stay short.
+    controls: bool = True
 
 
 class Variant(str, Enum):

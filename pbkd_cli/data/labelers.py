@@ -37,6 +37,11 @@ def is_correct(text: str, answer: str, check_equations: bool) -> bool:
     return extract_answer(text) == answer and (not check_equations or equations_hold(text))
 
 
+def correctness_rewards(texts: list[str], answers: list[str], check_equations: bool = True) -> list[float]:
+    """The verifiable reward of each response: 1 if it is right (`is_correct`), else 0."""
+    return [float(is_correct(text, answer, check_equations)) for text, answer in zip(texts, answers)]
+
+
 def correctness(candidates: list[Candidate], answer: str, max_pairs: int,
                 check_equations: bool = True) -> list[RankedPair]:
     """Right solutions over wrong ones; identical texts are never paired.

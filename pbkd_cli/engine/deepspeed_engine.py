@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +70,32 @@ def deepspeed_config(ds: dict[str, Any], trainer: TrainerConfig, world_size: int
     return config
 
 
+def lr_multiplier(step: int, schedule: str, warmup: int, total: int) -> float:
+    """The factor on the peak lr for optimiser step `step` (0-based): a linear warm-up over `warmup`
+    steps, then constant, cosine or linear decay to 0 at `total`.
+
+    The warm-up is `(step + 1) / (warmup + 1)`, so the first update already moves the weights:
+    transformers' schedulers start at exactly 0, which wastes the first step, and in a short game
+    (a few dozen updates) that is a visible part of the budget.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
 def build_engine(model: torch.nn.Module, trainer: TrainerConfig, ds: dict[str, Any]):
     """Wrap `model` in a DeepSpeed engine with AdamW and the schedule of `trainer`.
 
     The engine's `backward` scales for gradient accumulation and its `step` only updates on
     accumulation boundaries, so loops call both once per micro-batch.
     """
-    from transformers import get_scheduler
-
     config = deepspeed_config(ds, trainer)
     deepspeed = _deepspeed()
     if trainer.gradient_checkpointing:
@@ -95,8 +115,9 @@ def build_engine(model: torch.nn.Module, trainer: TrainerConfig, ds: dict[str, A
     warmup = int(trainer.warmup_ratio * trainer.max_steps)
 
     def schedule(opt):
-        return get_scheduler(trainer.lr_schedule.value, opt, num_warmup_steps=warmup,
-                             num_training_steps=trainer.max_steps)
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, partial(lr_multiplier, schedule=trainer.lr_schedule.value, warmup=warmup,
+                         total=trainer.max_steps))
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                       lr_scheduler=schedule, config=config)

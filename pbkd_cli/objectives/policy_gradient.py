@@ -12,15 +12,20 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool = False,
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["none", "group", "batch"] = "none",
                      eps: float = 1e-6, leave_one_out: bool = False) -> torch.Tensor:
-    """Advantages `A_i = r_i − b_i` with a per-prompt baseline, no critic.
+    """Advantages `A_i = (r_i − b_i) / s` with a per-prompt baseline, no critic.
 
     `rewards` is `[B·k]`, laid out as B groups of k = `group_size` consecutive samples of one prompt.
     The baseline is the group mean `b_i = (1/k) Σ_j r_j` (GRPO), or with `leave_one_out` the mean of
     the other samples `b_i = (1/(k−1)) Σ_{j≠i} r_j` (RLOO), which keeps `r_i` out of its own baseline
-    and so leaves the gradient estimate unbiased. With `normalize_std`, `A_i / (std_group + eps)`
-    using the population std of the group (defined for any k).
+    and so leaves the gradient estimate unbiased. The scale `s`:
+      - `none`: 1, the reward's own units;
+      - `group`: the population std of the prompt's group, + eps (GRPO); a near-tie group of a noisy
+        reward then gets advantages of ±1 like a decisive one;
+      - `batch`: the population std of all the (centred) advantages, + eps: reward-scale free, so a
+        KL weight or a learning rate means the same for any RM, while a decisive group still
+        outweighs a near-tie.
     """
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
@@ -32,9 +37,26 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool
     else:
         baseline = groups.mean(1, keepdim=True)
     advantages = groups - baseline
-    if normalize_std:
+    if scale == "group":
         advantages = advantages / (groups.std(1, correction=0, keepdim=True) + eps)
+    elif scale == "batch":
+        advantages = advantages / (advantages.std(correction=0) + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown advantage scale {scale!r}; expected 'none', 'group' or 'batch'")
     return advantages.reshape(-1)
+
+
+def weigh_negative_advantages(advantages: torch.Tensor, weight: float) -> torch.Tensor:
+    """Advantages with the negative ones multiplied by `weight`.
+
+    `weight = 1` is the policy gradient as it is; `weight = 0` keeps only the samples that beat their
+    group (a filtered, RFT/ReST-style update: imitate the better samples, push nothing down). Pushing
+    down a whole sampled sequence also pushes down its right steps before the first mistake, and
+    moves probability to tokens nobody sampled; the weight trades that against using every sample.
+    """
+    if weight < 0:
+        raise ValueError(f"negative-advantage weight {weight}: must be >= 0")
+    return torch.where(advantages < 0, weight * advantages, advantages)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

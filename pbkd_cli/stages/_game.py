@@ -1,72 +1,97 @@
 """The loop pieces both min-max games share (black-box PbKD in `minmax.py`, MM PbKD in `mm_pbkd.py`):
-their data, their two engines, sampling the student's rollouts, and the figures they report."""
+their data, their engines, sampling the student's rollouts, the student's policy-gradient step, the
+held-out accuracy and the figures they report."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import time
+from typing import Callable
 
 import torch
 
 from pbkd_cli.config.schema import PbkdConfig
 from pbkd_cli.data.gsm8k import extract_answer
 from pbkd_cli.data.preferences import load_preferences
-from pbkd_cli.data.prompts import collate
+from pbkd_cli.data.prompts import TokenBatch, collate, encode_prompts
 from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import build_engine
 from pbkd_cli.generation import generate
 from pbkd_cli.io import PbkdError
-from pbkd_cli.objectives.policy_gradient import sequence_logprobs
+from pbkd_cli.objectives.policy_gradient import clipped_policy_gradient_loss, kl_penalty, sequence_logprobs
 
 
 @torch.no_grad()
-def token_logprobs(model, batch, micro_batch_size: int, vocab_size: int | None = None) -> torch.Tensor:
-    """log pi(a_t | s_t) of every response token of `batch` ([B, T-1], zero off the response), over
-    the first `vocab_size` logits when given (the white-box game normalises over the tokenizer's)."""
+def token_logprobs(model, batch, micro_batch_size: int, vocab_size: int | None = None,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log pi_T(a_t | s_t) of every response token of `batch` ([B, T-1], zero off the response), over
+    the first `vocab_size` logits when given (the white-box game normalises over the tokenizer's).
+
+    pi_T = softmax(logits / temperature) is the policy the game samples from, so it is the one whose
+    probabilities the policy gradient and its ratios use."""
     out = []
     for start in range(0, batch.input_ids.shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
         logits = model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
-        out.append(sequence_logprobs(logits[:, :-1, :vocab_size], batch.input_ids[rows, 1:],
+        out.append(sequence_logprobs(logits[:, :-1, :vocab_size] / temperature, batch.input_ids[rows, 1:],
                                      batch.response_mask[rows, 1:]))
     return torch.cat(out)
 
 
-def game_data(cfg: PbkdConfig):
-    """The prompts the game visits and the preference pairs that anchor the adversary."""
-    c, trainer = cfg.minmax, cfg.trainer
-    if c.prefs_path is None:
-        raise PbkdError("minmax.prefs_path: set it to the preference file the RM was fitted on")
+def rollouts_per_update(cfg: PbkdConfig) -> int:
+    """Rollouts behind one optimiser step of the student: a PPO minibatch of the iteration's rollouts."""
+    c, micro = cfg.minmax, cfg.trainer.micro_batch_size
     rollouts = c.prompts_per_iteration * c.samples_per_prompt
-    if rollouts % trainer.micro_batch_size:
-        raise PbkdError(f"trainer.micro_batch_size={trainer.micro_batch_size} must divide "
-                        f"minmax.prompts_per_iteration * minmax.samples_per_prompt = {rollouts}")
+    per_update = c.rollouts_per_update or rollouts
+    if rollouts % per_update or per_update % micro:
+        raise PbkdError(f"minmax.rollouts_per_update={per_update}: must divide the iteration's rollouts "
+                        f"(prompts_per_iteration x samples_per_prompt = {rollouts}) and be a multiple of "
+                        f"trainer.micro_batch_size={micro}")
+    return per_update
+
+
+def game_prompts(cfg: PbkdConfig):
+    """The train prompts the game visits."""
+    c = cfg.minmax
+    rollouts_per_update(cfg)
     end = None if c.num_prompts is None else c.prompt_offset + c.num_prompts
     examples = load_examples(cfg.data, "train")[c.prompt_offset:end]
     if len(examples) < c.prompts_per_iteration:
         raise PbkdError(f"minmax.prompts_per_iteration={c.prompts_per_iteration}: only {len(examples)} prompts")
-    return examples, load_preferences(c.prefs_path, "minmax.prefs_path")
+    return examples
 
 
-def game_engines(cfg: PbkdConfig, policy, adversary):
-    """Separate optimisers for the student (descent) and the RM or Q (ascent) [paper], plus the frozen
-    initial policy the KL penalty refers to."""
+def game_preferences(cfg: PbkdConfig):
+    """The preference pairs that anchor the adversary (its confidence set)."""
+    if cfg.minmax.prefs_path is None:
+        raise PbkdError("minmax.prefs_path: set it to the preference file the RM was fitted on")
+    return load_preferences(cfg.minmax.prefs_path, "minmax.prefs_path")
+
+
+def policy_engines(cfg: PbkdConfig, policy):
+    """The student's engine (its own optimiser [paper]) and the frozen initial policy the KL penalty
+    refers to (None without a KL penalty)."""
     c, trainer = cfg.minmax, cfg.trainer
     rollouts = c.prompts_per_iteration * c.samples_per_prompt
+    per_update = rollouts_per_update(cfg)
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if c.kl_coef > 0 else None
-    # The game sets its own batches (rollouts per iteration), so trainer.global_batch_size does not apply.
-    policy_engine = build_engine(policy, dataclasses.replace(
-        trainer, grad_accum=rollouts // trainer.micro_batch_size, max_steps=c.iterations * c.ppo_epochs,
-        global_batch_size=None),
-        cfg.deepspeed)
-    adversary_engine = build_engine(adversary, dataclasses.replace(
-        trainer, lr=c.rm_lr, grad_accum=1, micro_batch_size=c.prompts_per_iteration,
-        max_steps=c.iterations * c.rm_steps, global_batch_size=None), cfg.deepspeed)
+    # One optimiser step per minibatch of rollouts, ppo_epochs passes per iteration.
+    engine = build_engine(policy, dataclasses.replace(
+        trainer, grad_accum=per_update // trainer.micro_batch_size,
+        max_steps=c.iterations * c.ppo_epochs * (rollouts // per_update), global_batch_size=None), cfg.deepspeed)
     if reference is not None:
         reference.config.use_cache = False  # forward passes only
-        reference.to(policy_engine.device)
-    return policy_engine, adversary_engine, reference
+        reference.to(engine.device)
+    return engine, reference
+
+
+def adversary_engine(cfg: PbkdConfig, adversary):
+    """The RM's or Q's engine: gradient ascent on the Lagrangian with its own optimiser and lr."""
+    c = cfg.minmax
+    return build_engine(adversary, dataclasses.replace(
+        cfg.trainer, lr=c.rm_lr, grad_accum=1, micro_batch_size=c.prompts_per_iteration,
+        max_steps=c.iterations * c.rm_steps, global_batch_size=None), cfg.deepspeed)
 
 
 def sample_rollouts(cfg: PbkdConfig, policy_engine, tokenizer, student_prompts, idx):
@@ -79,6 +104,64 @@ def sample_rollouts(cfg: PbkdConfig, policy_engine, tokenizer, student_prompts, 
     prompt_index = [i for i in idx for _ in range(c.samples_per_prompt)]
     rollout = collate(samples.prompt_ids, samples.response_ids, tokenizer.pad_token_id).to(policy_engine.device)
     return samples, prompt_index, rollout
+
+
+def policy_step(cfg: PbkdConfig, engine, rollout: TokenBatch, old_logprobs: torch.Tensor,
+                ref_logprobs: torch.Tensor | None, advantages: torch.Tensor, require_finite: Callable[[float], None],
+                vocab_size: int | None = None, pg_coef: float = 1.0,
+                extra_loss: Callable[[slice, torch.Tensor], tuple[torch.Tensor, dict]] | None = None) -> list[dict]:
+    """The student step [paper: PPO-style clipped policy gradient]: `ppo_epochs` passes over the
+    iteration's rollouts, one optimiser step per `rollouts_per_update` of them.
+
+    Per micro-batch the loss is `pg_coef * clipped PG + kl_coef * KL(pi || pi_ref)` plus
+    `extra_loss(rows, logits)` when given (MM PbKD's moment matching). Log-probabilities are those of
+    the sampling policy softmax(logits / minmax.temperature), as `old_logprobs` must be too.
+    Returns each micro-batch's metrics.
+    """
+    c, micro = cfg.minmax, cfg.trainer.micro_batch_size
+    actions, mask = rollout.input_ids[:, 1:], rollout.response_mask[:, 1:]
+    metrics_list = []
+    for _ in range(c.ppo_epochs):
+        for start in range(0, actions.shape[0], micro):
+            rows = slice(start, start + micro)
+            logits = engine(input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows]).logits
+            logits = logits[:, :-1, :vocab_size]
+            logprobs = sequence_logprobs(logits / c.temperature, actions[rows], mask[rows])
+            pg_loss, metrics = clipped_policy_gradient_loss(logprobs, old_logprobs[rows], advantages[rows],
+                                                            mask[rows], c.clip_eps)
+            loss = pg_coef * pg_loss
+            if extra_loss is not None:
+                term, extra_metrics = extra_loss(rows, logits)
+                loss = loss + term
+                metrics.update(extra_metrics)
+            if ref_logprobs is not None:
+                kl = kl_penalty(logprobs, ref_logprobs[rows], mask[rows])
+                loss = loss + c.kl_coef * kl
+                metrics["kl"] = kl.item()
+            require_finite(loss.item())
+            engine.backward(loss)
+            engine.step()
+            metrics_list.append(metrics)
+    return metrics_list
+
+
+class HeldoutAccuracy:
+    """Greedy exact match on a fixed subset of the test split (the first `minmax.eval_prompts`)."""
+
+    def __init__(self, cfg: PbkdConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.examples = load_examples(cfg.data, "test")[:cfg.minmax.eval_prompts] if cfg.minmax.eval_every else []
+        self.prompts = encode_prompts(self.examples, cfg.data, tokenizer) if self.examples else []
+
+    def due(self, iteration: int) -> bool:
+        every = self.cfg.minmax.eval_every
+        return bool(self.examples) and (iteration % every == 0 or iteration == self.cfg.minmax.iterations)
+
+    def __call__(self, model) -> float:
+        samples = generate(model, self.tokenizer, self.prompts, num_samples=1, temperature=0.0,
+                           max_new_tokens=self.cfg.data.max_response_tokens,
+                           batch_size=self.cfg.generation.batch_size)
+        return sum(extract_answer(t) == ex.answer for t, ex in zip(samples.texts, self.examples)) / len(self.examples)
 
 
 def sample_figures(samples, examples, prompt_index, rewards: torch.Tensor) -> dict[str, float]:
@@ -97,8 +180,9 @@ def mean_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:
 
 
 def log_iteration(run, cfg: PbkdConfig, iteration: int, figures: dict, seconds: dict, samples, started: float):
-    """Every `trainer.log_every` iterations and at the last: the figures and where the time went."""
-    if iteration % cfg.trainer.log_every and iteration != cfg.minmax.iterations:
+    """Every `trainer.log_every` iterations, at the last, and whenever the held-out accuracy was
+    measured: the figures and where the time went."""
+    if iteration % cfg.trainer.log_every and iteration != cfg.minmax.iterations and "heldout_accuracy" not in figures:
         return
     timing = {f"time/{k}": v for k, v in seconds.items()}
     timing["time/sample_tokens_per_second"] = samples.generated_tokens / seconds["sample"]
@@ -106,6 +190,12 @@ def log_iteration(run, cfg: PbkdConfig, iteration: int, figures: dict, seconds: 
 
 
 def settled(history: list[dict]) -> dict[str, float]:
-    """Mean figures over the last fifth of the game, where it has settled."""
+    """Mean figures over the last fifth of the game, where it has settled (the held-out accuracy:
+    its last measurement)."""
     tail = history[-max(1, len(history) // 5):]
-    return {key: round(sum(h[key] for h in tail) / len(tail), 6) for key in tail[0]}
+    keys = [k for k in tail[0] if k != "heldout_accuracy"]
+    out = {key: round(sum(h[key] for h in tail) / len(tail), 6) for key in keys}
+    measured = [h["heldout_accuracy"] for h in history if "heldout_accuracy" in h]
+    if measured:
+        out["heldout_accuracy"] = measured[-1]
+    return out

@@ -22,29 +22,24 @@ import time
 import torch
 
 from pbkd_cli.config.schema import Baseline, PbkdConfig
-from pbkd_cli.data.prompts import TokenBatch, collate, encode_pairs, encode_prompts, fit_to_context
+from pbkd_cli.data.prompts import encode_pairs, encode_prompts, fit_to_context
 from pbkd_cli.engine import save_model
 from pbkd_cli.objectives.bradley_terry import pairwise_accuracy
 from pbkd_cli.objectives.moment_matching import implied_rewards, q_game_objective, student_moment_matching_loss
-from pbkd_cli.objectives.policy_gradient import (clipped_policy_gradient_loss, group_advantages, kl_penalty,
-                                                 sequence_logprobs)
+from pbkd_cli.objectives.policy_gradient import group_advantages, weigh_negative_advantages
 from pbkd_cli.runner import Run
-from pbkd_cli.stages._game import (game_data, game_engines, log_iteration, mean_metrics, sample_figures,
+from pbkd_cli.stages._game import (HeldoutAccuracy, adversary_engine, game_preferences, game_prompts,
+                                   log_iteration, mean_metrics, policy_engines, policy_step, sample_figures,
                                    sample_rollouts, settled, token_logprobs)
 from pbkd_cli.stages._shared import Minibatches, load_lm
 from pbkd_cli.stages._white_box import (ImpliedRewards, load_q_model, load_teacher, next_token_logits,
                                         next_token_probs)
-
-
-def rows_of(batch: TokenBatch, rows: slice) -> TokenBatch:
-    return TokenBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows])
+from pbkd_cli.stages.train_rm import pair_batch
 
 
 def run(cfg: PbkdConfig, run: Run) -> dict:
     c, w, trainer = cfg.minmax, cfg.minmax.white_box, cfg.trainer
-    examples, pairs = game_data(cfg)
-    rollouts = c.prompts_per_iteration * c.samples_per_prompt
-
+    examples, pairs = game_prompts(cfg), game_preferences(cfg)
     tokenizer, policy = load_lm(cfg, "student")
     examples, overlong = fit_to_context(examples, examples, cfg.data, tokenizer, "minmax")
     _, q_model = load_q_model(cfg, tokenizer)
@@ -54,7 +49,9 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     pref_prompts, pref_chosen, pref_rejected = encode_pairs(pairs, cfg.data, tokenizer)
     student_prompts = encode_prompts(examples, cfg.data, tokenizer)
 
-    policy_engine, q_engine, reference = game_engines(cfg, policy, q_model)
+    policy_engine, reference = policy_engines(cfg, policy)
+    q_engine = adversary_engine(cfg, q_model)
+    heldout = HeldoutAccuracy(cfg, tokenizer)
     device = policy_engine.device
 
     prompt_batches = Minibatches(len(examples), c.prompts_per_iteration, cfg.seed)
@@ -74,8 +71,9 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         # 1. Student samples from pi_old, and the teacher's distribution at every state they visit.
         samples, prompt_index, rollout = sample_rollouts(cfg, policy_engine, tokenizer, student_prompts, idx)
         actions, mask = rollout.input_ids[:, 1:], rollout.response_mask[:, 1:]
-        old_logprobs = token_logprobs(policy_engine.module, rollout, trainer.micro_batch_size, vocab)
-        ref_logprobs = token_logprobs(reference, rollout, trainer.micro_batch_size, vocab) if reference else None
+        old_logprobs = token_logprobs(policy_engine.module, rollout, trainer.micro_batch_size, vocab, c.temperature)
+        ref_logprobs = (token_logprobs(reference, rollout, trainer.micro_batch_size, vocab, c.temperature)
+                        if reference else None)
         expert_probs = next_token_probs(teacher, rollout, vocab)
         old_probs = next_token_probs(policy_engine.module, rollout, vocab) if w.expected_student_term else None
 
@@ -84,10 +82,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         # 2. Q step: gradient ascent on the Lagrangian (a descent on its negative).
         q_engine.train()
         for _ in range(c.rm_steps):
-            pb = next(pref_batches)
-            pref_rows = [pref_prompts[i] for i in pb]
-            pref = collate(pref_rows + pref_rows, [pref_chosen[i] for i in pb] + [pref_rejected[i] for i in pb],
-                           pad).to(device)
+            pref = pair_batch(pref_prompts, pref_chosen, pref_rejected, next(pref_batches), pad).to(device)
             chosen_r, rejected_r = pair_rewards(q_engine, pref).chunk(2)
             loss, q_metrics = q_game_objective(next_token_logits(q_engine, rollout, vocab), expert_probs, actions,
                                                mask, chosen_r, rejected_r, beta=c.beta, reward_l2=c.reward_l2,
@@ -103,28 +98,17 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         with torch.no_grad():
             q_values = next_token_logits(q_engine.module, rollout, vocab)
             rewards = implied_rewards(q_values, expert_probs, actions, mask, w.gamma).float()
-        advantages = group_advantages(rewards, c.samples_per_prompt, normalize_std=c.normalize_advantages,
+        advantages = group_advantages(rewards, c.samples_per_prompt, scale=c.advantage_scale.value,
                                       leave_one_out=c.baseline == Baseline.leave_one_out)
-        step_metrics = []
-        for _ in range(c.ppo_epochs):
-            for start in range(0, rollouts, trainer.micro_batch_size):
-                rows = slice(start, start + trainer.micro_batch_size)
-                logits = next_token_logits(policy_engine, rows_of(rollout, rows), vocab)
-                logprobs = sequence_logprobs(logits, actions[rows], mask[rows])
-                pg_loss, metrics = clipped_policy_gradient_loss(logprobs, old_logprobs[rows], advantages[rows],
-                                                                mask[rows], c.clip_eps)
-                mm_loss = student_moment_matching_loss(q_values[rows], expert_probs[rows], logits, mask[rows])
-                loss = w.moment_matching_coef * mm_loss + w.pg_coef * pg_loss
-                metrics["moment_matching"] = mm_loss.item()
-                if reference is not None:
-                    kl = kl_penalty(logprobs, ref_logprobs[rows], mask[rows])
-                    loss = loss + c.kl_coef * kl
-                    metrics["kl"] = kl.item()
-                checkpoints.require_finite(loss.item(), iteration, "policy loss")
-                policy_engine.backward(loss)
-                policy_engine.step()
-                step_metrics.append(metrics)
+        advantages = weigh_negative_advantages(advantages, c.negative_weight)
 
+        def moment_matching(rows, logits):
+            mm_loss = student_moment_matching_loss(q_values[rows], expert_probs[rows], logits, mask[rows])
+            return w.moment_matching_coef * mm_loss, {"moment_matching": mm_loss.item()}
+
+        step_metrics = policy_step(cfg, policy_engine, rollout, old_logprobs, ref_logprobs, advantages,
+                                   lambda v: checkpoints.require_finite(v, iteration, "policy loss"),
+                                   vocab_size=vocab, pg_coef=w.pg_coef, extra_loss=moment_matching)
         seconds["policy_step"] = time.perf_counter() - clock
         figures = {
             **{f"q/{k}": v for k, v in q_metrics.items()},
@@ -132,6 +116,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
             **{f"pg/{k}": v for k, v in mean_metrics(step_metrics).items()},
             **sample_figures(samples, examples, prompt_index, rewards),
         }
+        if heldout.due(iteration):
+            figures["heldout_accuracy"] = heldout(policy_engine.module)
         history.append(figures)
         log_iteration(run, cfg, iteration, figures, seconds, samples, started)
         checkpoints.step_done(iteration, lambda: {"step": iteration, "history": history,
@@ -140,5 +126,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
 
     save_model(policy_engine, tokenizer, run.dir / "model")
     save_model(q_engine, tokenizer, run.dir / "rm")
-    return {"variant": cfg.variant.value, "iterations": c.iterations, "overlong_prompts": overlong, "model_dir": str(run.dir / "model"),
-            "rm_dir": str(run.dir / "rm"), "final": settled(history)}
+    return {"variant": cfg.variant.value, "iterations": c.iterations, "overlong_prompts": overlong,
+            "student_updates": policy_engine.global_steps,
+            "student_train_sequences": c.iterations * c.prompts_per_iteration * c.samples_per_prompt * c.ppo_epochs,
+            "model_dir": str(run.dir / "model"), "rm_dir": str(run.dir / "rm"), "final": settled(history)}

@@ -34,7 +34,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     student = cfg.model.student.name_or_path
     rm = cfg.model.rm.name_or_path
     prefs = o.initial_prefs_path
-    history = []
+    history, sequences = [], 0
     # The white-box refit is of a Q-function: its own step name, so experiments can tune it apart.
     fit = "train_q" if cfg.variant == Variant.white_box else "train_rm"
     for t in range(1, o.iterations + 1):
@@ -55,9 +55,11 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
             *as_student, f"model.rm.name_or_path={fitted['model_dir']}", f"minmax.prefs_path={prefs}",
         ], overrides_key="online/minmax")
         student, rm = played["model_dir"], played["rm_dir"]
+        sequences += played["student_train_sequences"]
         figures = {"iteration": t, "pairs": collected["pairs"],
                    "student_sample_accuracy": collected["student_sample_accuracy"],
                    "rm_heldout_accuracy": fitted.get("heldout_accuracy"), **played["final"]}
         history.append(figures)
         run.tracker.log({k: v for k, v in figures.items() if isinstance(v, (int, float))}, t, prefix="online/")
-    return {"iterations": history, "model_dir": student, "rm_dir": rm, "prefs_path": prefs}
+    return {"iterations": history, "model_dir": student, "rm_dir": rm, "prefs_path": prefs,
+            "student_train_sequences": sequences}

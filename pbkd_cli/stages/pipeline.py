@@ -1,17 +1,23 @@
 """Every method of the comparison, each step in its own subdirectory, ending with the table.
 
-    teacher (demo: fitted on gold) -> vanilla KD (SFT on teacher samples)
+    teacher (demo: fitted on gold) -> vanilla KD (SFT on teacher samples, to convergence)
       [white_box: -> FKL, RKL: white-box KD on the same teacher samples]
+      [controls: -> RL with the verifiable reward (what a perfect RM could give)]
       -> offline preferences -> RM by MLE -> min-max              = PbKD offline
+                  [controls, black-box: -> min-max with beta 0    = GAD]
       -> T x (collect with the current student, refit, min-max)   = PbKD online
+      -> for each extra budget above: vanilla KD trained on that many more teacher sequences
     -> exact-match evaluation of every model
 Every method after vanilla KD starts from the vanilla-KD (SFT) student, as in the white-box KD
-literature (MiniLLM, DistiLLM), so the table compares methods from one starting point. With
-`variant=white_box` the RM is MM PbKD's Q-function, pre-trained on the offline pairs
-(step `train_q`, a `train_rm` run).
+literature (MiniLLM, DistiLLM), so the table compares methods from one starting point; and each is
+compared with vanilla KD given the same extra training (sequences the student is trained on), so
+no gain is only more steps. With `variant=white_box` the RM is MM PbKD's Q-function, pre-trained on
+the offline pairs (step `train_q`, a `train_rm` run).
 """
 
 from __future__ import annotations
+
+import math
 
 from pbkd_cli.config.schema import ModelRole, PbkdConfig, Variant
 from pbkd_cli.io import PbkdError, atomic_write_text
@@ -20,9 +26,15 @@ from pbkd_cli.stages._steps import Steps
 
 
 def comparison_table(methods: dict[str, dict]) -> str:
-    lines = ["| method | accuracy | n |", "| --- | ---: | ---: |"]
-    lines += [f"| {name} | {m['accuracy']:.3f} | {m['n']} |" for name, m in methods.items()]
+    lines = ["| method | accuracy | n | extra training (sequences) |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {m['accuracy']:.3f} | {m['n']} | {m.get('extra_sequences') or ''} |"
+              for name, m in methods.items()]
     return "\n".join(lines) + "\n"
+
+
+def extra_sequences(summary: dict) -> int:
+    """The sequences a method trained the vanilla-KD student on (its budget beyond vanilla KD)."""
+    return summary.get("student_train_sequences") or summary.get("train_sequences") or 0
 
 
 def run(cfg: PbkdConfig, run: Run) -> dict:
@@ -31,40 +43,56 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     if cfg.pipeline.train_teacher:
         teacher_dir = step("teacher", "sft", ["sft.model=teacher", "sft.source=gold"])["model_dir"]
     teacher = [f"model.teacher.name_or_path={teacher_dir}"] if teacher_dir else []
-    vanilla = step("vanilla_kd", "sft", [*teacher, "sft.model=student", "sft.source=teacher"])
+    vanilla_kd = [*teacher, "sft.model=student", "sft.source=teacher"]
+    vanilla = step("vanilla_kd", "sft", vanilla_kd)
     sft_student = f"model.student.name_or_path={vanilla['model_dir']}"
-    white_box = {}
-    if cfg.variant == Variant.white_box:
+    white_box = cfg.variant == Variant.white_box
+    trained = {}  # method -> summary of the run that trained it from the vanilla-KD student
+    if white_box:
         for loss in ("fkl", "rkl"):
-            white_box[loss.upper()] = step(f"kd_{loss}", "sft", [*teacher, sft_student, "sft.model=student",
-                                                                 "sft.source=teacher", f"sft.kd.loss={loss}"])
+            trained[loss.upper()] = step(f"kd_{loss}", "sft", [*vanilla_kd, sft_student, f"sft.kd.loss={loss}"])
+    if cfg.pipeline.controls:
+        trained["RL (verifiable reward)"] = step("rl_correctness", "minmax", [
+            *teacher, sft_student, "minmax.reward=correctness"])
 
     offline_prefs = step("offline_prefs", "collect_prefs", [*teacher, sft_student])
     backbone = {ModelRole.teacher: teacher_dir, ModelRole.student: vanilla["model_dir"]}.get(cfg.pipeline.rm_init)
     if cfg.pipeline.rm_init is not None and backbone is None:
         raise PbkdError("pipeline.rm_init=teacher: the teacher has no local weights to start the RM from")
-    fit = "train_q" if cfg.variant == Variant.white_box else "train_rm"
+    fit = "train_q" if white_box else "train_rm"
     rm = step(fit, "train_rm", [f"train_rm.prefs_path={offline_prefs['prefs_path']}",
-                                       *([f"model.rm.name_or_path={backbone}"] if backbone else [])])
-    offline = step("pbkd_offline", "minmax", [
-        *teacher, sft_student, f"model.rm.name_or_path={rm['model_dir']}",
-        f"minmax.prefs_path={offline_prefs['prefs_path']}"])
-    online = step("pbkd_online", "online", [
+                                *([f"model.rm.name_or_path={backbone}"] if backbone else [])])
+    game = [*teacher, sft_student, f"model.rm.name_or_path={rm['model_dir']}",
+            f"minmax.prefs_path={offline_prefs['prefs_path']}"]
+    pbkd = "MM PbKD" if white_box else "PbKD"
+    if cfg.pipeline.controls and not white_box:
+        # GAD: the same game with no preference anchor; the RM is a teacher-vs-student discriminator.
+        trained["GAD"] = step("gad", "minmax", [*game, "minmax.beta=0"])
+    trained[f"{pbkd} offline"] = step("pbkd_offline", "minmax", game)
+    trained[f"{pbkd} online"] = step("pbkd_online", "online", [
         *teacher, sft_student, f"model.rm.name_or_path={rm['model_dir']}",
         f"online.initial_prefs_path={offline_prefs['prefs_path']}",
         # Online rounds ask fresh prompts, after the ones the offline pairs used.
         f"collect_prefs.prompt_offset={offline_prefs['prompts']}"])
 
-    pbkd = "MM PbKD" if cfg.variant == Variant.white_box else "PbKD"
-    students = {"base student": None, "vanilla KD": vanilla, **white_box, f"{pbkd} offline": offline,
-                f"{pbkd} online": online}
+    # Compute-matched baselines: vanilla KD continued on teacher samples, one per budget used above.
+    matched = {}
+    for budget in sorted({extra_sequences(s) for s in trained.values()} - {0}):
+        steps = math.ceil(budget / cfg.trainer.micro_batch_size)
+        matched[f"vanilla KD + {budget} seqs"] = step(
+            f"vanilla_kd_plus_{budget}", "sft", [*vanilla_kd, sft_student, f"trainer.max_steps={steps}"],
+            overrides_key="vanilla_kd_budget")
+
+    students = {"base student": None, "vanilla KD": vanilla, **matched, **trained}
     methods = {}
     for name, trained_run in {"teacher": None, **students}.items():
         role = "teacher" if name == "teacher" else "student"
         model = [f"model.student.name_or_path={trained_run['model_dir']}"] if trained_run else []
-        step_name = f"eval/{name.replace(' ', '_')}"
+        step_name = f"eval/{name.replace(' ', '_').replace('(', '').replace(')', '').replace('+_', 'plus_')}"
         result = step(step_name, "eval", [*teacher, *model, f"eval.model={role}"])
-        methods[name] = {"accuracy": result["accuracy"], "n": result["n"], "run_dir": str(run.dir / step_name)}
+        methods[name] = {"accuracy": result["accuracy"], "n": result["n"], "run_dir": str(run.dir / step_name),
+                         "extra_sequences": extra_sequences(trained_run) if name != "vanilla KD" and trained_run
+                         else 0}
     table = comparison_table(methods)
     atomic_write_text(run.dir / "comparison.md", table)
     print(f"\nAccuracy on the {cfg.eval.split} split ({run.dir}):\n\n{table}", flush=True)

@@ -151,6 +151,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         "train_pairs": len(prompts),
         "overlong_prompts": overlong,
         "steps": trainer.max_steps,
+        # The budget a compute-matched baseline gets: sequences the student was trained on.
+        "train_sequences": trainer.max_steps * engine.train_batch_size(),
         "final_train_loss": round(last_loss, 6),
         "test_gold_nll": round(test_nll, 6) if test_nll is not None else None,
         "model_dir": str(run.dir / "model"),

@@ -115,8 +115,15 @@ def test_pipeline_prints_and_saves_the_table(workdir):
             f"hydra.run.dir={run_dir}"]
     result = ok(pbkd(*args, cwd=workdir))
     methods = summary(run_dir)["methods"]
-    assert list(methods) == ["teacher", "base student", "vanilla KD", "PbKD offline", "PbKD online"]
+    # Every game here trains on 2 iterations x 4 prompts x 2 samples x 2 epochs = 32 sequences (online: 1 round
+    # of the same game), so one compute-matched vanilla-KD row covers them all.
+    assert list(methods) == ["teacher", "base student", "vanilla KD", "vanilla KD + 32 seqs", "RL (verifiable reward)",
+                             "GAD", "PbKD offline", "PbKD online"]
     assert all(0.0 <= m["accuracy"] <= 1.0 for m in methods.values())
+    assert methods["vanilla KD + 32 seqs"]["extra_sequences"] == methods["PbKD offline"]["extra_sequences"] == 32
+    matched = summary(run_dir / "vanilla_kd_plus_32")
+    assert matched["train_sequences"] == 32 and matched["steps"] == 32 // 4
+    assert summary(run_dir / "rl_correctness")["reward"] == "correctness"
     assert "| vanilla KD |" in result.stdout and (run_dir / "comparison.md").exists()
     # A rerun resumes: every step is already done, and the table is the same.
     again = ok(pbkd(*args, cwd=workdir))

@@ -102,8 +102,9 @@ def test_white_box_pipeline_adds_fkl_rkl_and_mm_pbkd_rows(workdir):
             "online.prompts_per_iteration=8", "collect_prefs.samples_per_model=1", "pipeline.rm_init=teacher",
             "eval.limit=8", f"hydra.run.dir={run_dir}", cwd=workdir, timeout=600))
     methods = summary(run_dir)["methods"]
-    assert list(methods) == ["teacher", "base student", "vanilla KD", "FKL", "RKL", "MM PbKD offline",
-                             "MM PbKD online"]
+    # FKL and RKL train 4 steps x 4 sequences; each game 2 iterations x 4 prompts x 2 samples x 2 epochs.
+    assert list(methods) == ["teacher", "base student", "vanilla KD", "vanilla KD + 16 seqs", "vanilla KD + 32 seqs",
+                             "FKL", "RKL", "RL (verifiable reward)", "MM PbKD offline", "MM PbKD online"]
     assert summary(run_dir / "kd_fkl")["kd_loss"] == "fkl" and summary(run_dir / "kd_rkl")["kd_loss"] == "rkl"
     # The Q pre-training and refits are steps of their own, so an experiment tunes them apart from an RM's.
     assert (run_dir / "train_q" / "summary.json").exists()

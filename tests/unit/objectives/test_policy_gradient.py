@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pbkd_cli.objectives.policy_gradient import (clipped_policy_gradient_loss, group_advantages, kl_penalty,
-                                                 sequence_logprobs)
+                                                 sequence_logprobs, weigh_negative_advantages)
 
 F64 = torch.float64
 
@@ -22,15 +22,15 @@ def test_leave_one_out_baseline_is_the_mean_of_the_other_samples():
     torch.testing.assert_close(advantages, 1.5 * group_advantages(rewards, 3))  # k/(k-1) × mean-baseline
 
 
-def test_normalize_std_divides_by_the_population_std_of_the_group():
+def test_group_scale_divides_by_the_population_std_of_the_group():
     rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0], dtype=F64)
-    advantages = group_advantages(rewards, 3, normalize_std=True, eps=0.0)
+    advantages = group_advantages(rewards, 3, scale="group", eps=0.0)
     expected = torch.tensor([-1.0, 0.0, 1.0], dtype=F64) / math.sqrt(2 / 3)
     torch.testing.assert_close(advantages[:3], expected)
     torch.testing.assert_close(advantages[3:], torch.tensor([-2.0, -2.0, 4.0], dtype=F64) / math.sqrt(8.0))
     # One sample per prompt, or identical rewards: zero advantage, not NaN.
-    assert torch.equal(group_advantages(torch.tensor([1.0, 5.0]), 1, normalize_std=True), torch.zeros(2))
-    assert torch.equal(group_advantages(torch.ones(4), 2, normalize_std=True), torch.zeros(4))
+    assert torch.equal(group_advantages(torch.tensor([1.0, 5.0]), 1, scale="group"), torch.zeros(2))
+    assert torch.equal(group_advantages(torch.ones(4), 2, scale="group"), torch.zeros(4))
 
 
 def test_group_advantages_reject_bad_group_sizes():
@@ -128,3 +128,26 @@ def test_kl_estimators_average_to_the_exact_kl_on_exact_sample_frequencies():
     for kind in ("k1", "k3"):
         torch.testing.assert_close(kl_penalty(lp, ref_lp, mask, kind=kind), exact)
     assert kl_penalty(ref_lp, lp, mask, kind="k3") >= 0  # k3 never goes negative
+
+
+def test_batch_scale_divides_by_the_std_of_all_advantages():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0], dtype=F64)
+    centred = torch.tensor([-1.0, 0.0, 1.0, -2.0, -2.0, 4.0], dtype=F64)
+    advantages = group_advantages(rewards, 3, scale="batch", eps=0.0)
+    torch.testing.assert_close(advantages, centred / centred.std(correction=0))
+    # Scale-free: the same advantages for the rewards times 100 plus any offset.
+    torch.testing.assert_close(group_advantages(100 * rewards + 7, 3, scale="batch", eps=0.0), advantages)
+    # A decisive group keeps more weight than a near-tie one (unlike scale="group").
+    near_tie = group_advantages(torch.tensor([0.0, 0.01, 0.0, 1.0]), 2, scale="batch")
+    assert near_tie[3].abs() > 10 * near_tie[1].abs()
+    with pytest.raises(ValueError):
+        group_advantages(rewards, 3, scale="sequence")
+
+
+def test_negative_advantages_are_weighed_and_positive_ones_kept():
+    advantages = torch.tensor([1.5, -2.0, 0.0, -0.5])
+    torch.testing.assert_close(weigh_negative_advantages(advantages, 0.0), torch.tensor([1.5, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(weigh_negative_advantages(advantages, 0.5), torch.tensor([1.5, -1.0, 0.0, -0.25]))
+    assert torch.equal(weigh_negative_advantages(advantages, 1.0), advantages)
+    with pytest.raises(ValueError):
+        weigh_negative_advantages(advantages, -1.0)

@@ -1,0 +1,107 @@
+"""The student step of both games through the real DeepSpeed engine, on a tiny Llama in-process.
+
+One step on a fixed batch must move each sequence's log-probability the way its advantage says, from
+the first optimiser step on; and a short game on a toy reward must learn, where the same game on
+shuffled rewards must not: a step that stopped using its reward, or flipped its sign, fails here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from pbkd_cli.config.schema import LrSchedule, MinMaxConfig, PbkdConfig, TinyLlamaConfig, TrainerConfig
+from pbkd_cli.data.prompts import collate, encode_prompts
+from pbkd_cli.data.tasks import load_examples
+from pbkd_cli.engine.deepspeed_engine import lr_multiplier
+from pbkd_cli.models import load_causal_lm
+from pbkd_cli.objectives.policy_gradient import group_advantages
+from pbkd_cli.stages._game import policy_engines, policy_step, sample_rollouts, token_logprobs
+from pbkd_cli.stages._shared import load_role_tokenizer
+
+ZERO0 = {"zero_optimization": {"stage": 0}}
+
+
+def game_config(**minmax) -> PbkdConfig:
+    cfg = PbkdConfig(stage="minmax", deepspeed=ZERO0)
+    cfg.tokenizer = dataclasses.replace(cfg.tokenizer, vocab_size=300, corpus_size=300)
+    cfg.data = dataclasses.replace(cfg.data, max_response_tokens=8,
+                                   arithmetic=dataclasses.replace(cfg.data.arithmetic, train_size=64, test_size=8))
+    cfg.model.student.tiny = TinyLlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             num_key_value_heads=2, intermediate_size=64)
+    cfg.trainer = TrainerConfig(lr=1e-2, warmup_ratio=0.0, lr_schedule=LrSchedule.constant, micro_batch_size=16)
+    cfg.minmax = MinMaxConfig(**{"prompts_per_iteration": 8, "samples_per_prompt": 4, "ppo_epochs": 1,
+                                 "kl_coef": 0.0, "iterations": 1, **minmax})
+    return cfg
+
+
+def tiny_policy(cfg: PbkdConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    tokenizer = load_role_tokenizer(cfg, "student")
+    return tokenizer, load_causal_lm(cfg.model.student, tokenizer, "model.student")
+
+
+def test_lr_multiplier_moves_on_the_first_step_and_decays_to_zero():
+    assert lr_multiplier(0, "cosine", warmup=3, total=10) == pytest.approx(0.25)
+    assert lr_multiplier(3, "cosine", warmup=3, total=10) == pytest.approx(1.0)
+    assert lr_multiplier(10, "cosine", warmup=3, total=10) == pytest.approx(0.0)
+    assert lr_multiplier(5, "linear", warmup=0, total=10) == pytest.approx(0.5)
+    assert lr_multiplier(0, "constant", warmup=0, total=10) == 1.0
+    assert lr_multiplier(6, "cosine", warmup=0, total=12) == pytest.approx(0.5)
+
+
+def test_one_step_raises_positive_and_lowers_negative_sequences_from_the_first_update():
+    # A warm-up over half the steps: the first update must already move the weights (it ran at lr 0).
+    cfg = game_config(iterations=2)
+    cfg.trainer = dataclasses.replace(cfg.trainer, warmup_ratio=0.5, lr_schedule=LrSchedule.cosine)
+    tokenizer, policy = tiny_policy(cfg)
+    engine, reference = policy_engines(cfg, policy)
+    assert reference is None
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 300, (5,), generator=generator).tolist() for _ in range(32)]
+    responses = [torch.randint(3, 300, (6,), generator=generator).tolist() for _ in range(32)]
+    rollout = collate(prompts, responses, tokenizer.pad_token_id)
+    old = token_logprobs(engine.module, rollout, 16)
+    advantages = torch.tensor([1.0, -1.0] * 16)
+    policy_step(cfg, engine, rollout, old, None, advantages, require_finite=lambda v: None)
+    assert engine.global_steps == 1 and engine.get_lr()[0] > 0
+    change = (token_logprobs(engine.module, rollout, 16) - old).sum(-1)
+    assert (change[advantages > 0] > 0).all() and (change[advantages < 0] < 0).all()
+
+
+def toy_reward(response_ids: list[list[int]], vocab: int) -> torch.Tensor:
+    """Prefer low token ids: dense, and far from what an untrained model emits."""
+    return torch.tensor([-sum(r) / max(1, len(r)) / vocab for r in response_ids])
+
+
+def play(shuffle_rewards: bool, iterations: int = 20) -> list[float]:
+    cfg = game_config(iterations=iterations, temperature=1.0)
+    tokenizer, policy = tiny_policy(cfg)
+    engine, _ = policy_engines(cfg, policy)
+    prompts = encode_prompts(load_examples(cfg.data, "train"), cfg.data, tokenizer)
+    shuffler = torch.Generator().manual_seed(2)
+    torch.manual_seed(3)
+    mean_rewards = []
+    for iteration in range(iterations):
+        idx = list(range(iteration * 8 % 64, iteration * 8 % 64 + 8))
+        samples, _, rollout = sample_rollouts(cfg, engine, tokenizer, prompts, idx)
+        rewards = toy_reward(samples.response_ids, len(tokenizer))
+        mean_rewards.append(rewards.mean().item())
+        if shuffle_rewards:
+            rewards = rewards[torch.randperm(len(rewards), generator=shuffler)]
+        advantages = group_advantages(rewards, cfg.minmax.samples_per_prompt, scale="batch")
+        old = token_logprobs(engine.module, rollout, cfg.trainer.micro_batch_size)
+        policy_step(cfg, engine, rollout, old, None, advantages, require_finite=lambda v: None)
+    return mean_rewards
+
+
+def test_a_short_game_learns_its_reward_and_not_a_shuffled_one():
+    learnt, shuffled = play(shuffle_rewards=False), play(shuffle_rewards=True)
+    assert all(math.isfinite(r) for r in learnt + shuffled)
+    gain = sum(learnt[-3:]) / 3 - sum(learnt[:3]) / 3
+    noise = sum(shuffled[-3:]) / 3 - sum(shuffled[:3]) / 3
+    assert gain > 0.15, learnt
+    assert gain > 3 * abs(noise), (learnt, shuffled)
