@@ -60,7 +60,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     if cfg.pipeline.rm_init is not None and backbone is None:
         raise PbkdError("pipeline.rm_init=teacher: the teacher has no local weights to start the RM from")
     fit = "train_q" if white_box else "train_rm"
-    rm = step(fit, "train_rm", [f"train_rm.prefs_path={offline_prefs['prefs_path']}",
+    # The Q-function's implied reward reads the teacher's probabilities: it needs the trained teacher.
+    rm = step(fit, "train_rm", [*teacher, f"train_rm.prefs_path={offline_prefs['prefs_path']}",
                                 *([f"model.rm.name_or_path={backbone}"] if backbone else [])])
     game = [*teacher, sft_student, f"model.rm.name_or_path={rm['model_dir']}",
             f"minmax.prefs_path={offline_prefs['prefs_path']}"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from .conftest import MINMAX, PREFS, TINY, ok, pbkd, summary
 
@@ -108,6 +109,9 @@ def test_white_box_pipeline_adds_fkl_rkl_and_mm_pbkd_rows(workdir):
     assert summary(run_dir / "kd_fkl")["kd_loss"] == "fkl" and summary(run_dir / "kd_rkl")["kd_loss"] == "rkl"
     # The Q pre-training and refits are steps of their own, so an experiment tunes them apart from an RM's.
     assert (run_dir / "train_q" / "summary.json").exists()
+    # The Q pre-training's implied reward reads the trained teacher's probabilities, not a fresh model's.
+    q_config = yaml.safe_load((run_dir / "train_q" / "config.yaml").read_text())
+    assert q_config["model"]["teacher"]["name_or_path"] == str(run_dir / "teacher" / "model")
     assert (run_dir / "pbkd_online" / "iter1" / "train_q" / "summary.json").exists()
     table = (run_dir / "comparison.md").read_text()
     assert "| MM PbKD online |" in table and "| RKL |" in table
