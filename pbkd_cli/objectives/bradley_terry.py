@@ -19,6 +19,24 @@ def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tens
     return (chosen_rewards > rejected_rewards).float().mean()
 
 
+def within_group_accuracy(rewards: torch.Tensor, correct: torch.Tensor, group_size: int) -> float | None:
+    """How often a reward orders a right sample above a wrong one of the same prompt.
+
+    `rewards` and `correct` (bool) are `[B·k]`, B groups of k = `group_size` consecutive samples of one
+    prompt. Over every (right, wrong) pair inside a group: the fraction with `r(right) > r(wrong)` (ties
+    count half). This, not pairwise accuracy on a preference file, is the signal a group-baseline policy
+    gradient gets from the reward; 0.5 is noise. None when no group holds both a right and a wrong sample.
+    """
+    r = rewards.reshape(-1, group_size).double()
+    ok = correct.reshape(-1, group_size).bool()
+    pairs = ok.unsqueeze(2) & ~ok.unsqueeze(1)  # [B, i right, j wrong]
+    if not pairs.any():
+        return None
+    diff = r.unsqueeze(2) - r.unsqueeze(1)
+    wins = (diff > 0).double() + 0.5 * (diff == 0).double()
+    return (wins[pairs].sum() / pairs.sum()).item()
+
+
 def rm_game_objective(teacher_rewards: torch.Tensor, student_rewards: torch.Tensor,
                       chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
                       beta: float, reward_l2: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:

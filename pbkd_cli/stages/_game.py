@@ -19,6 +19,7 @@ from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import build_engine
 from pbkd_cli.generation import generate
 from pbkd_cli.io import PbkdError
+from pbkd_cli.objectives.bradley_terry import within_group_accuracy
 from pbkd_cli.objectives.policy_gradient import clipped_policy_gradient_loss, kl_penalty, sequence_logprobs
 
 
@@ -165,14 +166,21 @@ class HeldoutAccuracy:
 
 
 def sample_figures(samples, examples, prompt_index, rewards: torch.Tensor) -> dict[str, float]:
+    """Figures of the iteration's samples; `reward/right_over_wrong` (where some group holds both a right
+    and a wrong answer) says whether the reward ranks the student's own samples the way the gold
+    answers do: the signal the student step gets."""
     correct = [extract_answer(t) == examples[i].answer for t, i in zip(samples.texts, prompt_index)]
-    return {
+    figures = {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item(),
         "sample/length": samples.generated_tokens / len(samples.response_ids),
         "sample/accuracy": sum(correct) / len(correct),
         "sample/finished": sum(samples.finished) / len(samples.finished),
     }
+    order = within_group_accuracy(rewards.cpu(), torch.tensor(correct), samples.num_samples)
+    if order is not None:
+        figures["reward/right_over_wrong"] = order
+    return figures
 
 
 def mean_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:
@@ -190,11 +198,14 @@ def log_iteration(run, cfg: PbkdConfig, iteration: int, figures: dict, seconds: 
 
 
 def settled(history: list[dict]) -> dict[str, float]:
-    """Mean figures over the last fifth of the game, where it has settled (the held-out accuracy:
-    its last measurement)."""
+    """Mean figures over the last fifth of the game, where it has settled, each over the iterations that
+    have it (the held-out accuracy: its last measurement)."""
     tail = history[-max(1, len(history) // 5):]
-    keys = [k for k in tail[0] if k != "heldout_accuracy"]
-    out = {key: round(sum(h[key] for h in tail) / len(tail), 6) for key in keys}
+    keys = dict.fromkeys(k for h in tail for k in h if k != "heldout_accuracy")
+    out = {}
+    for key in keys:
+        values = [h[key] for h in tail if key in h]
+        out[key] = round(sum(values) / len(values), 6)
     measured = [h["heldout_accuracy"] for h in history if "heldout_accuracy" in h]
     if measured:
         out["heldout_accuracy"] = measured[-1]

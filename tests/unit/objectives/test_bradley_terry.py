@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from pbkd_cli.objectives.bradley_terry import bradley_terry_loss, pairwise_accuracy, rm_game_objective
+from pbkd_cli.objectives.bradley_terry import (bradley_terry_loss, pairwise_accuracy, rm_game_objective,
+                                              within_group_accuracy)
 
 
 def sigmoid(x: float) -> float:
@@ -73,3 +74,18 @@ def test_descending_the_rm_loss_raises_teacher_rewards_and_lowers_student_reward
     loss, _ = rm_game_objective(teacher, student, pair, pair, beta=1.0)
     loss.backward()
     assert (teacher.grad < 0).all() and (student.grad > 0).all()
+
+
+def test_within_group_accuracy_counts_right_over_wrong_pairs_inside_each_group():
+    # Group 1: right samples 0 and 2, wrong 1 and 3 -> pairs (0,1) (0,3) (2,1) (2,3); group 2: no pair.
+    rewards = torch.tensor([3.0, 1.0, 0.5, 0.5, 9.0, -9.0, 0.0, 1.0])
+    correct = torch.tensor([True, False, True, False, True, True, True, True])
+    # (0,1) win, (0,3) win, (2,1) loss, (2,3) tie -> (1 + 1 + 0 + 0.5) / 4
+    assert within_group_accuracy(rewards, correct, 4) == pytest.approx(2.5 / 4)
+    # A reward that is the label itself is perfect; its negation is always wrong.
+    assert within_group_accuracy(correct.float(), correct, 4) == 1.0
+    assert within_group_accuracy(-correct.float(), correct, 4) == 0.0
+    # No group with both a right and a wrong answer: no figure rather than a made-up one.
+    assert within_group_accuracy(rewards, torch.ones(8, dtype=torch.bool), 4) is None
+    # Pairs across groups never count: group 1 all right, group 2 all wrong.
+    assert within_group_accuracy(rewards, torch.tensor([True] * 4 + [False] * 4), 4) is None
