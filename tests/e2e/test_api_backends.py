@@ -92,7 +92,10 @@ def test_teacher_served_from_a_local_model_and_cached_so_a_rerun_asks_nothing(wo
         server.terminate()
         server.wait()
     pairs = load_preferences(workdir / "prefs_served" / "prefs.jsonl")
-    assert pairs and all(p.chosen_source == "teacher" and p.chosen.strip() for p in pairs)
+    assert pairs and all(p.chosen_source == "teacher" for p in pairs)
+    # The served text came through (a 6-step tiny teacher sampled at temperature 1 may also stop at once,
+    # so an empty answer now and then is the model's, not the protocol's).
+    assert any(p.chosen.strip() for p in pairs)
     assert len(list(cache.rglob("*.json"))) == 8  # one request (n=2 samples) per prompt
 
     # The server is gone: the rerun can only succeed from the cache, and gives the same pairs.
