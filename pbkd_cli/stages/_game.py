@@ -52,10 +52,21 @@ def rollouts_per_update(cfg: PbkdConfig) -> int:
     return per_update
 
 
-def game_prompts(cfg: PbkdConfig):
-    """The train prompts the game visits."""
+def check_game(cfg: PbkdConfig) -> None:
+    """The game's settings that need only the config, checked before any model loads (one line each)."""
     c = cfg.minmax
     rollouts_per_update(cfg)
+    if c.negative_weight < 0:
+        raise PbkdError(f"minmax.negative_weight={c.negative_weight}: a weight on negative advantages, >= 0")
+    if c.teacher_temperature == 0 and c.teacher_samples_per_prompt != 1:
+        raise PbkdError(f"minmax.teacher_samples_per_prompt={c.teacher_samples_per_prompt}: greedy teacher "
+                        "answers (minmax.teacher_temperature=0) give one per prompt")
+
+
+def game_prompts(cfg: PbkdConfig):
+    """The train prompts the game visits (after `check_game`: the first thing both games do)."""
+    c = cfg.minmax
+    check_game(cfg)
     end = None if c.num_prompts is None else c.prompt_offset + c.num_prompts
     examples = load_examples(cfg.data, "train")[c.prompt_offset:end]
     if len(examples) < c.prompts_per_iteration:

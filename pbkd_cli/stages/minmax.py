@@ -25,7 +25,6 @@ from pbkd_cli.config.schema import Baseline, GameReward, PbkdConfig, Variant
 from pbkd_cli.data.labelers import correctness_rewards
 from pbkd_cli.data.prompts import collate, encode_pairs, encode_prompts, encode_responses, fit_to_context
 from pbkd_cli.engine import save_model
-from pbkd_cli.io import PbkdError
 from pbkd_cli.models.reward import score
 from pbkd_cli.objectives.bradley_terry import pairwise_accuracy, rm_game_objective
 from pbkd_cli.objectives.policy_gradient import group_advantages, weigh_negative_advantages
@@ -53,9 +52,6 @@ class RewardModelAdversary:
         self.pref_prompts, self.pref_chosen, self.pref_rejected = encode_pairs(pairs, cfg.data, self.tokenizer)
         self.pref_batches = Minibatches(len(pairs), min(c.rm_pref_batch, len(pairs)), seed + 1)
         # The teacher answers only the prompts the game visits, once each: it does not change.
-        if c.teacher_temperature == 0 and c.teacher_samples_per_prompt != 1:
-            raise PbkdError(f"minmax.teacher_samples_per_prompt={c.teacher_samples_per_prompt}: greedy teacher "
-                            "answers (minmax.teacher_temperature=0) give one per prompt")
         texts = ResponseSampler(cfg, "teacher").sample([examples[i] for i in visited], c.teacher_samples_per_prompt,
                                                        c.teacher_temperature)
         self.teacher_ids = {i: encode_responses(t, cfg.data, self.tokenizer) for i, t in zip(visited, texts)}

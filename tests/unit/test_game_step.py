@@ -19,7 +19,8 @@ from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine.deepspeed_engine import lr_multiplier
 from pbkd_cli.models import load_causal_lm
 from pbkd_cli.objectives.policy_gradient import group_advantages
-from pbkd_cli.stages._game import policy_engines, policy_step, sample_rollouts, token_logprobs
+from pbkd_cli.io import PbkdError
+from pbkd_cli.stages._game import check_game, policy_engines, policy_step, sample_rollouts, token_logprobs
 from pbkd_cli.stages._shared import load_role_tokenizer
 
 ZERO0 = {"zero_optimization": {"stage": 0}}
@@ -105,3 +106,14 @@ def test_a_short_game_learns_its_reward_and_not_a_shuffled_one():
     noise = sum(shuffled[-3:]) / 3 - sum(shuffled[:3]) / 3
     assert gain > 0.15, learnt
     assert gain > 3 * abs(noise), (learnt, shuffled)
+
+
+@pytest.mark.parametrize("minmax, key", [
+    ({"rollouts_per_update": 24}, "minmax.rollouts_per_update=24"),
+    ({"negative_weight": -0.5}, "minmax.negative_weight=-0.5"),
+    ({"teacher_samples_per_prompt": 2, "teacher_temperature": 0.0}, "minmax.teacher_samples_per_prompt=2"),
+])
+def test_bad_game_settings_are_one_line_before_any_model_loads(minmax, key):
+    with pytest.raises(PbkdError) as err:
+        check_game(game_config(**minmax))
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
