@@ -63,6 +63,12 @@ def check_game(cfg: PbkdConfig) -> None:
                         "answers (minmax.teacher_temperature=0) give one per prompt")
 
 
+def student_train_sequences(cfg: PbkdConfig) -> int:
+    """The game's budget for a compute-matched baseline: sequences the student is trained on."""
+    c = cfg.minmax
+    return c.iterations * c.prompts_per_iteration * c.samples_per_prompt * c.ppo_epochs
+
+
 def game_prompts(cfg: PbkdConfig):
     """The train prompts the game visits (after `check_game`: the first thing both games do)."""
     c = cfg.minmax

@@ -32,7 +32,7 @@ from pbkd_cli.runner import Run
 from pbkd_cli.stages import mm_pbkd
 from pbkd_cli.stages._game import (HeldoutAccuracy, adversary_engine, game_preferences, game_prompts,
                                    log_iteration, mean_metrics, policy_engines, policy_step, sample_figures,
-                                   sample_rollouts, settled, token_logprobs)
+                                   sample_rollouts, settled, student_train_sequences, token_logprobs)
 from pbkd_cli.stages._shared import Minibatches, ResponseSampler, load_lm, load_rm
 from pbkd_cli.stages.train_rm import pair_batch
 
@@ -157,8 +157,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     save_model(policy_engine, tokenizer, run.dir / "model")
     summary = {"reward": c.reward.value, "iterations": c.iterations, "overlong_prompts": overlong,
                "student_updates": policy_engine.global_steps,
-               # The budget a compute-matched baseline gets: sequences the student was trained on.
-               "student_train_sequences": c.iterations * c.prompts_per_iteration * c.samples_per_prompt * c.ppo_epochs,
+               "student_train_sequences": student_train_sequences(cfg),
                "model_dir": str(run.dir / "model"), "final": settled(history)}
     if adversary:
         save_model(adversary.engine, adversary.tokenizer, run.dir / "rm")

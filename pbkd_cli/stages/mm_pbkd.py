@@ -30,7 +30,7 @@ from pbkd_cli.objectives.policy_gradient import group_advantages, weigh_negative
 from pbkd_cli.runner import Run
 from pbkd_cli.stages._game import (HeldoutAccuracy, adversary_engine, game_preferences, game_prompts,
                                    log_iteration, mean_metrics, policy_engines, policy_step, sample_figures,
-                                   sample_rollouts, settled, token_logprobs)
+                                   sample_rollouts, settled, student_train_sequences, token_logprobs)
 from pbkd_cli.stages._shared import Minibatches, load_lm
 from pbkd_cli.stages._white_box import (ImpliedRewards, load_q_model, load_teacher, next_token_logits,
                                         next_token_probs)
@@ -128,5 +128,5 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     save_model(q_engine, tokenizer, run.dir / "rm")
     return {"variant": cfg.variant.value, "iterations": c.iterations, "overlong_prompts": overlong,
             "student_updates": policy_engine.global_steps,
-            "student_train_sequences": c.iterations * c.prompts_per_iteration * c.samples_per_prompt * c.ppo_epochs,
+            "student_train_sequences": student_train_sequences(cfg),
             "model_dir": str(run.dir / "model"), "rm_dir": str(run.dir / "rm"), "final": settled(history)}
