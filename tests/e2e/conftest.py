@@ -50,6 +50,10 @@ class Result:
 def pbkd(*args: str, cwd: Path, timeout: int = 300) -> Result:
     # One thread: the models are tiny, and two test processes then never fight over the cores.
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # A unit test that built an engine in this process filled in launcher variables (and holds their port):
+    # a user's `pbkd` starts without them.
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     proc = subprocess.run([sys.executable, "-m", "pbkd_cli.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return Result(proc.returncode, proc.stdout, proc.stderr)
