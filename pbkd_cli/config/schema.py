@@ -319,6 +319,7 @@ class CollectPrefsConfig:
 class RewardPooling(str, Enum):
     last = "last"  # the value head at the last token (any sequence classifier)
     mean = "mean"  # the mean of the value head over the response tokens
+    likelihood = "likelihood"  # the mean log-probability of the response tokens under the RM's own LM head
 
 
 @dataclass
@@ -375,6 +376,9 @@ class MinMaxConfig:
     iterations: int = 100
     prompts_per_iteration: int = 16
     samples_per_prompt: int = 4
+    # Prompts sampled per prompt trained on: each iteration samples prompts_per_iteration x oversample
+    # prompts and the student step keeps the prompts_per_iteration whose rewards spread most.
+    oversample: int = 1
     temperature: float = 1.0
     prompt_offset: int = 0
     num_prompts: Optional[int] = None
@@ -463,3 +467,49 @@ class PbkdConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # Per-stage Hydra overrides an experiment applies before the user's own (see conf/exp/demo.yaml).
     stage_overrides: Dict[str, List[str]] = field(default_factory=dict)
+
+
+# Ranges a value must lie in, checked on every composed config (`config.compose.to_typed`), so a bad
+# value, or a bad point of a sweep, is one line before any job starts. None (an unset optional) passes.
+# key -> (low, high, low inclusive, high inclusive); None: unbounded on that side.
+RANGES: Dict[str, tuple] = {
+    **{key: (1, None, True, False) for key in (
+        "trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum", "trainer.global_batch_size",
+        "trainer.log_every", "trainer.keep_checkpoints", "data.max_prompt_tokens", "data.max_response_tokens",
+        "data.arithmetic.train_size", "data.arithmetic.test_size", "generation.batch_size",
+        "sft.teacher_samples_per_prompt", "sft.kd.chunk_size", "eval.num_samples",
+        "collect_prefs.samples_per_model", "collect_prefs.max_pairs_per_prompt", "collect_prefs.chunk_prompts",
+        "collect_prefs.num_prompts", "minmax.iterations", "minmax.prompts_per_iteration",
+        "minmax.samples_per_prompt", "minmax.oversample", "minmax.teacher_samples_per_prompt", "minmax.num_prompts",
+        "minmax.rm_steps", "minmax.rm_pref_batch", "minmax.ppo_epochs", "minmax.rollouts_per_update",
+        "minmax.eval_prompts", "online.iterations", "online.prompts_per_iteration")},
+    **{key: (0, None, True, False) for key in (
+        "trainer.lr", "trainer.weight_decay", "trainer.max_grad_norm", "trainer.checkpoint_every",
+        "data.train_limit", "data.test_limit", "generation.temperature", "sft.teacher_temperature",
+        "sft.kd.ce_weight", "eval.temperature", "collect_prefs.temperature", "collect_prefs.prompt_offset",
+        "minmax.prompt_offset", "minmax.teacher_temperature", "minmax.beta", "minmax.reward_l2", "minmax.rm_lr",
+        "minmax.negative_weight", "minmax.kl_coef", "minmax.eval_every")},
+    **{key: (0, None, False, False) for key in (
+        "sft.kd.temperature", "sft.kd.on_policy_temperature", "minmax.temperature", "minmax.clip_eps")},
+    **{key: (0, 1, True, True) for key in ("sft.kd.jsd_beta", "sft.kd.skew_alpha", "sft.kd.on_policy_ratio")},
+    "trainer.warmup_ratio": (0, 1, True, False),
+    "train_rm.heldout_fraction": (0, 1, True, False),
+    "generation.top_p": (0, 1, False, True),
+}
+
+
+def out_of_range(cfg: "PbkdConfig") -> str | None:
+    """The first `key=value: must be ...` of `cfg` outside `RANGES`, or None."""
+    for key, (low, high, low_in, high_in) in RANGES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is None:
+            continue
+        below = low is not None and (value < low if low_in else value <= low)
+        above = high is not None and (value > high if high_in else value >= high)
+        if below or above:
+            bounds = [f"{'>=' if low_in else '>'} {low}" if low is not None else "",
+                      f"{'<=' if high_in else '<'} {high}" if high is not None else ""]
+            return f"{key}={value}: must be {' and '.join(b for b in bounds if b)}"
+    return None

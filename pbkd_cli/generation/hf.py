@@ -22,6 +22,12 @@ class Samples:
     def generated_tokens(self) -> int:
         return sum(len(r) for r in self.response_ids)
 
+    def groups(self, kept: list[int]) -> "Samples":
+        """The samples of the prompts at positions `kept`, in that order."""
+        rows = [g * self.num_samples + j for g in kept for j in range(self.num_samples)]
+        return Samples([self.prompt_ids[r] for r in rows], [self.response_ids[r] for r in rows],
+                       [self.texts[r] for r in rows], [self.finished[r] for r in rows], self.num_samples)
+
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(r) for r in rows)

@@ -1,21 +1,36 @@
-"""The scalar reward model: a backbone with a one-output value head.
+"""The scalar reward model: a backbone with a one-output value head, or a language model whose
+likelihood is the reward.
 
-Saved with `save_pretrained` it is an ordinary `AutoModelForSequenceClassification` checkpoint
-(`num_labels=1`), so TRL, transformers or any other tool reads it back. How the head's per-token
-outputs become one reward is part of the artefact (`config.reward_pooling`):
-  - `last`: the output at the last real token, as every sequence classifier does;
-  - `mean`: the mean of the outputs over the response tokens. A flaw anywhere in a response (a wrong
+How a reward is read off the model is part of the artefact (`config.reward_pooling`):
+  - `last`: the value head at the last real token, as every sequence classifier does;
+  - `mean`: the mean of the value head over the response tokens. A flaw anywhere in a response (a wrong
     sum in step 2 of 3) is then visible where it happens instead of having to reach the last token
     through attention, which small RMs learn far faster.
+  - `likelihood`: the mean log-probability the model's own LM head gives the response tokens (a
+    generative RM, SimPO's length-normalised implicit reward without a reference model). It starts as
+    a verifier of what its backbone can do: a student's LM head puts a wrong sum below the right one,
+    where a fresh value head starts at noise. The Bradley-Terry fit then moves that likelihood.
+`last` and `mean` save as an `AutoModelForSequenceClassification` checkpoint (`num_labels=1`),
+`likelihood` as an `AutoModelForCausalLM`; transformers, TRL or any other tool reads either back.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
 from pbkd_cli.config.schema import ModelConfig, RewardPooling
 from pbkd_cli.io import PbkdError
 from pbkd_cli.models.factory import _check_local, _pretrained_kwargs, _tiny_llama_config
+from pbkd_cli.objectives.policy_gradient import sequence_logprobs
+
+
+def _saved_pooling(name_or_path: str) -> str | None:
+    """The pooling a trained RM was fitted with (None for a plain backbone or a hub id)."""
+    config = Path(name_or_path).expanduser() / "config.json"
+    return json.loads(config.read_text()).get("reward_pooling") if config.is_file() else None
 
 
 def load_reward_model(cfg: ModelConfig, tokenizer, pooling: RewardPooling, key: str = "model.rm"):
@@ -23,21 +38,24 @@ def load_reward_model(cfg: ModelConfig, tokenizer, pooling: RewardPooling, key: 
 
     `pooling` applies to a fresh head; a trained RM keeps the pooling it was fitted with.
     """
-    from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM,
+                              LlamaForSequenceClassification)
 
+    if cfg.name_or_path is not None:
+        _check_local(cfg.name_or_path, key)
+        pooling = RewardPooling(_saved_pooling(cfg.name_or_path) or pooling.value)
+    generative = pooling == RewardPooling.likelihood
     if cfg.name_or_path is None:
         config = _tiny_llama_config(cfg, tokenizer, key)
         config.num_labels = 1
-        model = LlamaForSequenceClassification(config)
+        model = (LlamaForCausalLM if generative else LlamaForSequenceClassification)(config)
     else:
-        _check_local(cfg.name_or_path, key)
+        auto, head = (AutoModelForCausalLM, {}) if generative else (AutoModelForSequenceClassification, {"num_labels": 1})
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.name_or_path, num_labels=1, **_pretrained_kwargs(cfg))
+            model = auto.from_pretrained(cfg.name_or_path, **head, **_pretrained_kwargs(cfg))
         except (OSError, ValueError) as exc:
             raise PbkdError(f"{key}.name_or_path={cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
-    if getattr(model.config, "reward_pooling", None) is None:
-        model.config.reward_pooling = pooling.value
+    model.config.reward_pooling = pooling.value
     # Sequence classifiers find the last real token through pad_token_id.
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -49,6 +67,11 @@ def score(model, batch) -> torch.Tensor:
     `model` may be a DeepSpeed engine; the `mean` pooling calls its backbone and head directly.
     """
     module = getattr(model, "module", model)
+    if module.config.reward_pooling == RewardPooling.likelihood.value:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        mask = batch.response_mask[:, 1:]
+        logprobs = sequence_logprobs(logits, batch.input_ids[:, 1:], mask)
+        return logprobs.sum(-1) / mask.sum(-1).clamp_min(1).to(logprobs.dtype)
     if module.config.reward_pooling == RewardPooling.last.value:
         return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1).float()
     hidden = module.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state

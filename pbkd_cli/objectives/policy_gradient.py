@@ -46,6 +46,22 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["non
     return advantages.reshape(-1)
 
 
+def widest_groups(rewards: torch.Tensor, group_size: int, keep: int) -> list[int]:
+    """The `keep` groups (of `group_size` consecutive rewards) whose rewards spread most, in their order.
+
+    A group whose samples all score the same has zero advantage everywhere: it carries no policy
+    gradient, only dilutes the step's few informative prompts (DAPO's dynamic sampling drops such
+    groups). Ties keep the earlier group, so a binary reward keeps every mixed group first.
+    """
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    spread = rewards.reshape(-1, group_size).double().std(1, correction=0)
+    if not 0 < keep <= spread.numel():
+        raise ValueError(f"cannot keep {keep} of {spread.numel()} groups")
+    order = torch.sort(-spread, stable=True).indices[:keep]
+    return sorted(order.tolist())
+
+
 def weigh_negative_advantages(advantages: torch.Tensor, weight: float) -> torch.Tensor:
     """Advantages with the negative ones multiplied by `weight`.
 

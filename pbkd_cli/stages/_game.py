@@ -11,16 +11,18 @@ from typing import Callable
 
 import torch
 
-from pbkd_cli.config.schema import PbkdConfig
+from pbkd_cli.config.schema import GameReward, PbkdConfig, Variant
 from pbkd_cli.data.gsm8k import extract_answer
 from pbkd_cli.data.preferences import load_preferences
 from pbkd_cli.data.prompts import TokenBatch, collate, encode_prompts
 from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import build_engine
 from pbkd_cli.generation import generate
+from pbkd_cli.generation.hf import Samples
 from pbkd_cli.io import PbkdError
 from pbkd_cli.objectives.bradley_terry import within_group_accuracy
-from pbkd_cli.objectives.policy_gradient import clipped_policy_gradient_loss, kl_penalty, sequence_logprobs
+from pbkd_cli.objectives.policy_gradient import (clipped_policy_gradient_loss, kl_penalty, sequence_logprobs,
+                                                 widest_groups)
 
 
 @torch.no_grad()
@@ -56,6 +58,11 @@ def check_game(cfg: PbkdConfig) -> None:
     """The game's settings that need only the config, checked before any model loads (one line each)."""
     c = cfg.minmax
     rollouts_per_update(cfg)
+    if c.oversample < 1:
+        raise PbkdError(f"minmax.oversample={c.oversample}: prompts sampled per prompt trained on, >= 1")
+    if c.oversample > 1 and cfg.variant == Variant.white_box and c.reward == GameReward.rm:
+        raise PbkdError(f"minmax.oversample={c.oversample}: MM PbKD trains on every prompt it samples; "
+                        "oversampling is for the black-box game and its RL control")
     if c.negative_weight < 0:
         raise PbkdError(f"minmax.negative_weight={c.negative_weight}: a weight on negative advantages, >= 0")
     if c.teacher_temperature == 0 and c.teacher_samples_per_prompt != 1:
@@ -69,14 +76,21 @@ def student_train_sequences(cfg: PbkdConfig) -> int:
     return c.iterations * c.prompts_per_iteration * c.samples_per_prompt * c.ppo_epochs
 
 
+def student_samples(cfg: PbkdConfig) -> int:
+    """Sequences the student samples over the game (`oversample` times those it is trained on per epoch)."""
+    c = cfg.minmax
+    return c.iterations * c.prompts_per_iteration * c.oversample * c.samples_per_prompt
+
+
 def game_prompts(cfg: PbkdConfig):
     """The train prompts the game visits (after `check_game`: the first thing both games do)."""
     c = cfg.minmax
     check_game(cfg)
     end = None if c.num_prompts is None else c.prompt_offset + c.num_prompts
     examples = load_examples(cfg.data, "train")[c.prompt_offset:end]
-    if len(examples) < c.prompts_per_iteration:
-        raise PbkdError(f"minmax.prompts_per_iteration={c.prompts_per_iteration}: only {len(examples)} prompts")
+    if len(examples) < c.prompts_per_iteration * c.oversample:
+        raise PbkdError(f"minmax.prompts_per_iteration={c.prompts_per_iteration}: x minmax.oversample={c.oversample} "
+                        f"prompts per iteration, only {len(examples)} prompts")
     return examples
 
 
@@ -112,16 +126,31 @@ def adversary_engine(cfg: PbkdConfig, adversary):
         max_steps=c.iterations * c.rm_steps, global_batch_size=None), cfg.deepspeed)
 
 
-def sample_rollouts(cfg: PbkdConfig, policy_engine, tokenizer, student_prompts, idx):
-    """k samples per prompt from pi_old, as one right-padded batch, and the prompt of each row."""
+def sample_responses(cfg: PbkdConfig, policy_engine, tokenizer, student_prompts, idx) -> tuple[Samples, list[int]]:
+    """k samples per prompt from pi_old, and the prompt of each."""
     c = cfg.minmax
     samples = generate(policy_engine.module, tokenizer, [student_prompts[i] for i in idx],
                        num_samples=c.samples_per_prompt, temperature=c.temperature,
                        top_p=cfg.generation.top_p, max_new_tokens=cfg.data.max_response_tokens,
                        batch_size=cfg.generation.batch_size)
-    prompt_index = [i for i in idx for _ in range(c.samples_per_prompt)]
-    rollout = collate(samples.prompt_ids, samples.response_ids, tokenizer.pad_token_id).to(policy_engine.device)
-    return samples, prompt_index, rollout
+    return samples, [i for i in idx for _ in range(c.samples_per_prompt)]
+
+
+def sample_rollouts(cfg: PbkdConfig, policy_engine, tokenizer, student_prompts, idx):
+    """k samples per prompt from pi_old, as one right-padded batch, and the prompt of each row."""
+    samples, prompt_index = sample_responses(cfg, policy_engine, tokenizer, student_prompts, idx)
+    return samples, prompt_index, rollout_batch(samples, tokenizer, policy_engine.device)
+
+
+def widest_prompts(pool: list[int], samples: Samples, rewards: torch.Tensor, keep: int):
+    """The `keep` prompts of `pool` whose samples' rewards spread most: (their indices, their samples,
+    their rewards), each in the same order (the student step pairs the i-th sample with the i-th reward)."""
+    kept = widest_groups(rewards, samples.num_samples, keep)
+    return [pool[g] for g in kept], samples.groups(kept), rewards.reshape(-1, samples.num_samples)[kept].reshape(-1)
+
+
+def rollout_batch(samples, tokenizer, device) -> TokenBatch:
+    return collate(samples.prompt_ids, samples.response_ids, tokenizer.pad_token_id).to(device)
 
 
 def policy_step(cfg: PbkdConfig, engine, rollout: TokenBatch, old_logprobs: torch.Tensor,
@@ -182,17 +211,29 @@ class HeldoutAccuracy:
         return sum(extract_answer(t) == ex.answer for t, ex in zip(samples.texts, self.examples)) / len(self.examples)
 
 
+def answers_right(samples, examples, prompt_index) -> list[bool]:
+    return [extract_answer(t) == examples[i].answer for t, i in zip(samples.texts, prompt_index)]
+
+
+def answer_accuracy(samples, examples, prompt_index) -> float:
+    correct = answers_right(samples, examples, prompt_index)
+    return sum(correct) / len(correct)
+
+
 def sample_figures(samples, examples, prompt_index, rewards: torch.Tensor) -> dict[str, float]:
     """Figures of the iteration's samples; `reward/right_over_wrong` (where some group holds both a right
     and a wrong answer) says whether the reward ranks the student's own samples the way the gold
     answers do: the signal the student step gets."""
-    correct = [extract_answer(t) == examples[i].answer for t, i in zip(samples.texts, prompt_index)]
+    correct = answers_right(samples, examples, prompt_index)
     figures = {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item(),
         "sample/length": samples.generated_tokens / len(samples.response_ids),
         "sample/accuracy": sum(correct) / len(correct),
         "sample/finished": sum(samples.finished) / len(samples.finished),
+        # Prompts whose samples the reward tells apart at all: the only ones with a policy gradient.
+        "sample/informative_prompts": (rewards.reshape(-1, samples.num_samples).std(1, correction=0) > 0)
+        .float().mean().item(),
     }
     order = within_group_accuracy(rewards.cpu(), torch.tensor(correct), samples.num_samples)
     if order is not None:

@@ -30,9 +30,10 @@ from pbkd_cli.objectives.bradley_terry import pairwise_accuracy, rm_game_objecti
 from pbkd_cli.objectives.policy_gradient import group_advantages, weigh_negative_advantages
 from pbkd_cli.runner import Run
 from pbkd_cli.stages import mm_pbkd
-from pbkd_cli.stages._game import (HeldoutAccuracy, adversary_engine, game_preferences, game_prompts,
-                                   log_iteration, mean_metrics, policy_engines, policy_step, sample_figures,
-                                   sample_rollouts, settled, student_train_sequences, token_logprobs)
+from pbkd_cli.stages._game import (HeldoutAccuracy, adversary_engine, answer_accuracy, game_preferences,
+                                   game_prompts, log_iteration, mean_metrics, policy_engines, policy_step,
+                                   rollout_batch, sample_figures, sample_responses, settled, student_samples,
+                                   student_train_sequences, token_logprobs, widest_prompts)
 from pbkd_cli.stages._shared import Minibatches, ResponseSampler, load_lm, load_rm
 from pbkd_cli.stages.train_rm import pair_batch
 
@@ -41,9 +42,9 @@ class RewardModelAdversary:
     """The RM of the game: its engine, the teacher's answers it compares the student's with, and the
     preference pairs its Bradley-Terry term keeps it near."""
 
-    def __init__(self, cfg: PbkdConfig, examples, visited: list[int], student_tokenizer, seed: int):
+    def __init__(self, cfg: PbkdConfig, examples, student_tokenizer, seed: int):
         c = cfg.minmax
-        self.cfg = cfg
+        self.cfg, self.examples = cfg, examples
         self.tokenizer, rm = load_rm(cfg)
         self.pad = self.tokenizer.pad_token_id
         self.same_vocab = self.tokenizer.get_vocab() == student_tokenizer.get_vocab()
@@ -51,11 +52,20 @@ class RewardModelAdversary:
         pairs = game_preferences(cfg)
         self.pref_prompts, self.pref_chosen, self.pref_rejected = encode_pairs(pairs, cfg.data, self.tokenizer)
         self.pref_batches = Minibatches(len(pairs), min(c.rm_pref_batch, len(pairs)), seed + 1)
-        # The teacher answers only the prompts the game visits, once each: it does not change.
-        texts = ResponseSampler(cfg, "teacher").sample([examples[i] for i in visited], c.teacher_samples_per_prompt,
-                                                       c.teacher_temperature)
-        self.teacher_ids = {i: encode_responses(t, cfg.data, self.tokenizer) for i, t in zip(visited, texts)}
+        self.teacher = ResponseSampler(cfg, "teacher")
+        self.teacher_ids: dict[int, list[list[int]]] = {}
         self.engine = adversary_engine(cfg, rm)
+
+    def teacher_answers(self, idx: list[int]) -> list[list[int]]:
+        """The teacher's answers to prompts `idx`, asked once per prompt the game trains on (it does not
+        change), `teacher_samples_per_prompt` each, flattened in the order of `idx`."""
+        c = self.cfg.minmax
+        new = [i for i in dict.fromkeys(idx) if i not in self.teacher_ids]
+        if new:
+            texts = self.teacher.sample([self.examples[i] for i in new], c.teacher_samples_per_prompt,
+                                        c.teacher_temperature)
+            self.teacher_ids.update({i: encode_responses(t, self.cfg.data, self.tokenizer) for i, t in zip(new, texts)})
+        return [r for i in idx for r in self.teacher_ids[i]]
 
     def batch(self, prompt_index: list[int], response_ids: list[list[int]], texts: list[str]):
         """(prompt, response) rows for the RM, reusing the student's ids when the vocabularies match."""
@@ -66,7 +76,7 @@ class RewardModelAdversary:
         """Gradient ascent on the Lagrangian (a descent on its negative), `rm_steps` times."""
         c = self.cfg.minmax
         teacher_batch = collate([self.prompts[i] for i in idx for _ in range(c.teacher_samples_per_prompt)],
-                                [r for i in idx for r in self.teacher_ids[i]], self.pad).to(self.engine.device)
+                                self.teacher_answers(idx), self.pad).to(self.engine.device)
         self.engine.train()
         for _ in range(c.rm_steps):
             pref = pair_batch(self.pref_prompts, self.pref_chosen, self.pref_rejected, next(self.pref_batches),
@@ -95,12 +105,12 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     tokenizer, policy = load_lm(cfg, "student")
     examples, overlong = fit_to_context(examples, examples, cfg.data, tokenizer, "minmax")
     student_prompts = encode_prompts(examples, cfg.data, tokenizer)
-    # The prompt batches of the whole game are drawn up front (the teacher answers those alone).
-    schedule = list(itertools.islice(Minibatches(len(examples), c.prompts_per_iteration, cfg.seed), c.iterations))
+    # The prompt pools of the whole game, drawn up front.
+    schedule = list(itertools.islice(Minibatches(len(examples), c.prompts_per_iteration * c.oversample, cfg.seed),
+                                     c.iterations))
     adversary = None
     if c.reward == GameReward.rm:
-        visited = sorted({i for idx in schedule for i in idx})
-        adversary = RewardModelAdversary(cfg, examples, visited, tokenizer, cfg.seed)
+        adversary = RewardModelAdversary(cfg, examples, tokenizer, cfg.seed)
     policy_engine, reference = policy_engines(cfg, policy)
     heldout = HeldoutAccuracy(cfg, tokenizer)
 
@@ -111,45 +121,60 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         adversary.pref_batches.load_state_dict(resumed["pref_batches"])
     history: list[dict] = resumed.get("history", [])
     first = resumed.get("step", 0) + 1
+
+    def reward_of(samples, prompt_index) -> torch.Tensor:
+        """The reward the student step climbs: the RM's (as it stands) or the verifiable one."""
+        if adversary:
+            return adversary.rewards(adversary.batch(prompt_index, samples.response_ids, samples.texts)).cpu()
+        return torch.tensor(correctness_rewards(samples.texts, [examples[i].answer for i in prompt_index],
+                                                cfg.collect_prefs.check_equations))
+
     started = time.time()
     for iteration in run.tracker.progress(range(first, c.iterations + 1), total=c.iterations - first + 1,
                                           desc="minmax"):
-        idx = schedule[iteration - 1]
+        pool = schedule[iteration - 1]
         require_finite = lambda value, what="policy loss": checkpoints.require_finite(value, iteration, what)  # noqa: E731
         clock = time.perf_counter()
-        # 1. Student samples from pi_old.
-        samples, prompt_index, rollout = sample_rollouts(cfg, policy_engine, tokenizer, student_prompts, idx)
-        old_logprobs = token_logprobs(policy_engine.module, rollout, trainer.micro_batch_size, temperature=c.temperature)
-        ref_logprobs = (token_logprobs(reference, rollout, trainer.micro_batch_size, temperature=c.temperature)
-                        if reference else None)
+        # 1. Student samples from pi_old; the game goes on with the prompts_per_iteration prompts of the
+        # pool whose samples the reward tells apart most.
+        pool_samples, pool_index = sample_responses(cfg, policy_engine, tokenizer, student_prompts, pool)
+        if c.oversample > 1:
+            idx, samples, rewards = widest_prompts(pool, pool_samples, reward_of(pool_samples, pool_index),
+                                                   c.prompts_per_iteration)
+        else:
+            idx, samples, rewards = pool, pool_samples, None
+        prompt_index = [i for i in idx for _ in range(c.samples_per_prompt)]
         seconds = {"sample": time.perf_counter() - clock}
 
         clock = time.perf_counter()
-        figures = {}
+        figures = {"sample/pool_accuracy": answer_accuracy(pool_samples, examples, pool_index)}
         if adversary:
             # 2. RM step, then the updated RM's rewards.
             student_rm_batch = adversary.batch(prompt_index, samples.response_ids, samples.texts)
-            figures = adversary.step(idx, student_rm_batch, lambda v: require_finite(v, "RM objective"))
-            rewards = adversary.rewards(student_rm_batch)
-        else:
-            rewards = torch.tensor(correctness_rewards(samples.texts, [examples[i].answer for i in prompt_index],
-                                                       cfg.collect_prefs.check_equations))
+            figures.update(adversary.step(idx, student_rm_batch, lambda v: require_finite(v, "RM objective")))
+            rewards = adversary.rewards(student_rm_batch).cpu()
+        elif rewards is None:
+            rewards = reward_of(samples, prompt_index)
         seconds["rm_step"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         # 3. Student step: clipped policy gradient on the rewards' group advantages.
+        rollout = rollout_batch(samples, tokenizer, policy_engine.device)
+        old_logprobs = token_logprobs(policy_engine.module, rollout, trainer.micro_batch_size, temperature=c.temperature)
+        ref_logprobs = (token_logprobs(reference, rollout, trainer.micro_batch_size, temperature=c.temperature)
+                        if reference else None)
         advantages = group_advantages(rewards, c.samples_per_prompt, scale=c.advantage_scale.value,
                                       leave_one_out=c.baseline == Baseline.leave_one_out)
         advantages = weigh_negative_advantages(advantages, c.negative_weight).to(policy_engine.device)
         pg_metrics = policy_step(cfg, policy_engine, rollout, old_logprobs, ref_logprobs, advantages, require_finite)
         seconds["policy_step"] = time.perf_counter() - clock
 
-        figures.update({**{f"pg/{k}": v for k, v in mean_metrics(pg_metrics).items()},
-                        **sample_figures(samples, examples, prompt_index, rewards)})
+        figures.update(sample_figures(samples, examples, prompt_index, rewards))
+        figures.update({f"pg/{k}": v for k, v in mean_metrics(pg_metrics).items()})
         if heldout.due(iteration):
             figures["heldout_accuracy"] = heldout(policy_engine.module)
         history.append(figures)
-        log_iteration(run, cfg, iteration, figures, seconds, samples, started)
+        log_iteration(run, cfg, iteration, figures, seconds, pool_samples, started)
         checkpoints.step_done(iteration, lambda: {
             "step": iteration, "history": history,
             **({"pref_batches": adversary.pref_batches.state_dict()} if adversary else {})})
@@ -157,7 +182,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     save_model(policy_engine, tokenizer, run.dir / "model")
     summary = {"reward": c.reward.value, "iterations": c.iterations, "overlong_prompts": overlong,
                "student_updates": policy_engine.global_steps,
-               "student_train_sequences": student_train_sequences(cfg),
+               "student_train_sequences": student_train_sequences(cfg), "student_samples": student_samples(cfg),
                "model_dir": str(run.dir / "model"), "final": settled(history)}
     if adversary:
         save_model(adversary.engine, adversary.tokenizer, run.dir / "rm")

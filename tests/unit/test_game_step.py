@@ -111,9 +111,23 @@ def test_a_short_game_learns_its_reward_and_not_a_shuffled_one():
 @pytest.mark.parametrize("minmax, key", [
     ({"rollouts_per_update": 24}, "minmax.rollouts_per_update=24"),
     ({"negative_weight": -0.5}, "minmax.negative_weight=-0.5"),
+    ({"oversample": 0}, "minmax.oversample=0"),
     ({"teacher_samples_per_prompt": 2, "teacher_temperature": 0.0}, "minmax.teacher_samples_per_prompt=2"),
 ])
 def test_bad_game_settings_are_one_line_before_any_model_loads(minmax, key):
     with pytest.raises(PbkdError) as err:
         check_game(game_config(**minmax))
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_widest_prompts_keep_each_sample_with_its_own_reward():
+    from pbkd_cli.generation.hf import Samples
+    from pbkd_cli.stages._game import widest_prompts
+    # Pool of prompts 7, 3, 5 with 2 samples each; only prompt 5's samples differ in reward.
+    samples = Samples(prompt_ids=[[7], [7], [3], [3], [5], [5]], response_ids=[[1], [2], [3], [4], [5], [6]],
+                      texts=["a", "b", "c", "d", "e", "f"], finished=[True] * 6, num_samples=2)
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    idx, kept, kept_rewards = widest_prompts([7, 3, 5], samples, rewards, keep=2)
+    assert idx == [7, 5]
+    assert kept.prompt_ids == [[7], [7], [5], [5]] and kept.response_ids == [[1], [2], [5], [6]]
+    assert kept_rewards.tolist() == [1.0, 1.0, 0.0, 1.0]

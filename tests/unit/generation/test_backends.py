@@ -67,3 +67,14 @@ def test_api_responses_are_cached_by_request_and_never_store_the_key(tmp_path, m
     files = list(tmp_path.rglob("*.json"))
     assert len(files) == 3 and all("secret-key" not in f.read_text() for f in files)
     assert json.loads(files[0].read_text())["texts"]
+
+
+def test_samples_groups_keep_whole_prompt_groups_in_the_given_order():
+    from pbkd_cli.generation.hf import Samples
+    samples = Samples(prompt_ids=[[1], [1], [2], [2], [3], [3]], response_ids=[[10], [11], [20], [21], [30], [31]],
+                      texts=["a", "b", "c", "d", "e", "f"], finished=[True, False, True, True, False, True],
+                      num_samples=2)
+    kept = samples.groups([2, 0])
+    assert kept.prompt_ids == [[3], [3], [1], [1]] and kept.response_ids == [[30], [31], [10], [11]]
+    assert kept.texts == ["e", "f", "a", "b"] and kept.finished == [False, True, True, False]
+    assert kept.num_samples == 2

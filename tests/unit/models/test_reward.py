@@ -36,3 +36,28 @@ def test_last_pooling_is_the_sequence_classifier_output_and_pooling_survives_sav
     reloaded = load_reward_model(ModelConfig(name_or_path=str(tmp_path)), tokenizer, RewardPooling.mean)
     assert reloaded.config.reward_pooling == "last", "a trained RM keeps the pooling it was fitted with"
     assert torch.allclose(score(reloaded.eval(), batch), score(rm, batch), atol=1e-6)
+
+
+def test_likelihood_reward_is_the_mean_response_logprob_of_the_rm_language_model(tmp_path):
+    tokenizer, rm = tiny_rm(RewardPooling.likelihood)
+    batch = collate([[5, 6, 7], [8]], [[9, 10, 1], [11, 1]], tokenizer.pad_token_id)
+    logits = rm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+    logp = torch.log_softmax(logits, -1)
+    # Row 0: response tokens at positions 3..5, predicted from positions 2..4; row 1: positions 1..2.
+    expected = torch.stack([
+        sum(logp[0, t - 1, batch.input_ids[0, t]] for t in range(3, 6)) / 3,
+        sum(logp[1, t - 1, batch.input_ids[1, t]] for t in range(1, 3)) / 2,
+    ])
+    torch.testing.assert_close(score(rm, batch).double(), expected, atol=1e-5, rtol=1e-5)
+    rm.save_pretrained(tmp_path)
+    reloaded = load_reward_model(ModelConfig(name_or_path=str(tmp_path)), tokenizer, RewardPooling.mean)
+    assert reloaded.config.reward_pooling == "likelihood" and hasattr(reloaded, "lm_head")
+    torch.testing.assert_close(score(reloaded.eval(), batch), score(rm, batch))
+
+
+def test_a_backbone_checkpoint_takes_the_configured_pooling(tmp_path):
+    tokenizer, lm = tiny_rm(RewardPooling.likelihood)
+    del lm.config.reward_pooling  # a plain causal LM, as vanilla KD saves the student
+    lm.save_pretrained(tmp_path)
+    rm = load_reward_model(ModelConfig(name_or_path=str(tmp_path)), tokenizer, RewardPooling.mean)
+    assert rm.config.reward_pooling == "mean" and hasattr(rm, "score")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pbkd_cli.objectives.policy_gradient import (clipped_policy_gradient_loss, group_advantages, kl_penalty,
-                                                 sequence_logprobs, weigh_negative_advantages)
+                                                 sequence_logprobs, weigh_negative_advantages, widest_groups)
 
 F64 = torch.float64
 
@@ -151,3 +151,27 @@ def test_negative_advantages_are_weighed_and_positive_ones_kept():
     assert torch.equal(weigh_negative_advantages(advantages, 1.0), advantages)
     with pytest.raises(ValueError):
         weigh_negative_advantages(advantages, -1.0)
+
+
+def test_widest_groups_keep_mixed_groups_of_a_binary_reward_first_in_their_order():
+    # Groups of 2: [1,1] [0,1] [0,0] [1,0] [0,1]; the three mixed ones come first, ties by position.
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    assert widest_groups(rewards, 2, 2) == [1, 3]
+    assert widest_groups(rewards, 2, 3) == [1, 3, 4]
+    # More than the mixed ones: uniform groups fill up, the earlier first.
+    assert widest_groups(rewards, 2, 4) == [0, 1, 3, 4]
+
+
+def test_widest_groups_rank_a_continuous_reward_by_its_population_std():
+    rewards = torch.tensor([0.0, 0.1, 0.2, -3.0, 0.0, 3.0, 1.0, 1.0, 1.0, 0.0, 1.0, 2.0])
+    # Population stds: 0.082, 2.449, 0, 0.816.
+    assert widest_groups(rewards, 3, 2) == [1, 3]
+    assert widest_groups(rewards, 3, 4) == [0, 1, 2, 3]
+
+
+def test_widest_groups_reject_what_cannot_be_kept():
+    with pytest.raises(ValueError, match="groups of 3"):
+        widest_groups(torch.zeros(4), 3, 1)
+    with pytest.raises(ValueError, match="cannot keep 3 of 2"):
+        widest_groups(torch.zeros(4), 2, 3)
+
