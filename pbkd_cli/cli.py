@@ -102,9 +102,24 @@ def one_line_exit(exc: BaseException) -> tuple[int, str] | None:
         return 2, f"error: {exc}"
     if isinstance(exc, Preempted):
         return exc.exit_code, f"stopped: {exc}"
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    full = disk_full(exc)
+    if full is not None:
         # Every artefact is written under a temporary name first: nothing half-written is left behind.
-        return 2, f"error: no space left on the device writing {exc.filename or 'an artefact'}"
+        return 2, f"error: no space left on the device writing {full}"
+    return None
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """What was being written when the disk or quota ran out ('an artefact' when unnamed), or None.
+
+    Python raises OSError(ENOSPC); safetensors and torch.save wrap it in their own exception types, so
+    their messages are read too."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc.filename or "an artefact"
+        if any(sign in str(exc) for sign in ("No space left on device", "Disk quota exceeded", "StorageFull")):
+            return "an artefact"
+        exc = exc.__cause__ or exc.__context__
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +18,14 @@ from typing import Any, Callable, Iterator
 
 class PbkdError(Exception):
     """Bad input or a failed precondition: reported as one line, with a non-zero exit."""
+
+
+def path_component(name: str, key: str) -> str:
+    """`name`, checked to be usable as one file or directory name inside a run directory: a label or a
+    benchmark name must not reach outside it (`../x`, `/abs`) or hide in odd characters."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+        raise PbkdError(f"{key}: {name!r} is not a plain name (letters, digits, '.', '_', '-'; no '..' or '/')")
+    return name
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

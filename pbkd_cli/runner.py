@@ -64,6 +64,41 @@ def config_as_dict(cfg: PbkdConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
 
 
+# Settings that change how a run is logged or checkpointed, not what it computes: a run may be resumed
+# with other values of these.
+RESULT_NEUTRAL = ("resume", "logger", "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_checkpoints")
+
+
+def first_difference(old, new, prefix: str = "") -> str | None:
+    """The first dotted key whose value differs between two config dicts (RESULT_NEUTRAL aside). A key
+    only one of them has is a schema change between pbkd versions, not a different run."""
+    if prefix.rstrip(".") in RESULT_NEUTRAL:
+        return None
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) & set(new), key=str):
+            found = first_difference(old[key], new[key], f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if old == new else prefix.rstrip(".")
+
+
+def check_run_dir(run_dir: Path, config: dict) -> None:
+    """A directory that already holds a run takes only that run again (to resume or redo it): another
+    stage or another config there would overwrite its results, or resume from its checkpoints."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PbkdError(f"hydra.run.dir={run_dir}: is a file, not a directory")
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = OmegaConf.to_container(OmegaConf.load(saved))
+    key = first_difference(old, config)
+    if key:
+        value = OmegaConf.select(OmegaConf.create(old), key)
+        raise PbkdError(f"hydra.run.dir={run_dir}: holds a run with {key}={value}, this one has "
+                        f"{key}={OmegaConf.select(OmegaConf.create(config), key)}; give it its own directory")
+
+
 class Run:
     """What a stage gets besides its config: where to write, and how to log."""
 
@@ -72,10 +107,11 @@ class Run:
         self.dir = Path(run_dir)
         self.overrides = list(overrides)
         self.is_main = is_main
+        config = config_as_dict(cfg)
+        check_run_dir(self.dir, config)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
         self._checkpoints = []
-        config = config_as_dict(cfg)
         if is_main:
             atomic_write_text(self.dir / "config.yaml", OmegaConf.to_yaml(config))
             atomic_write_json(self.dir / "run_info.json", {

@@ -9,6 +9,7 @@ stage command and the pipeline go through the same composition.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Iterable
 
@@ -22,13 +23,17 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pbkd_cli.config.schema import PbkdConfig
+from pbkd_cli.config.schema import PbkdConfig, out_of_range
 
 CONF_DIR = Path(os.environ.get("PBKD_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
 
 ConfigStore.instance().store(name="pbkd_schema", node=PbkdConfig)
 # `${pbkd_root:}`: the checkout's root, for configs that name files shipped with it (test fixtures).
 OmegaConf.register_new_resolver("pbkd_root", lambda: str(Path(__file__).resolve().parents[2]), replace=True)
+# `${pbkd_run_id:}`: one random tag per process, so that two runs started in the same second (a SLURM
+# array, a shell loop) get their own default run directories.
+_RUN_ID = secrets.token_hex(3)
+OmegaConf.register_new_resolver("pbkd_run_id", lambda: _RUN_ID, replace=True)
 
 
 class ConfigError(ValueError):
@@ -93,9 +98,13 @@ def to_typed(cfg: DictConfig) -> PbkdConfig:
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(f"{missing[0]}: missing mandatory value")
-        return OmegaConf.to_object(cfg)
+        typed = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from exc
+    bad = out_of_range(typed)
+    if bad:
+        raise ConfigError(bad)
+    return typed
 
 
 def _parse(overrides: list[str]):

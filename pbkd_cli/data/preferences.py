@@ -69,6 +69,15 @@ class PreferenceWriter:
         self.stats: dict[str, float] = committed["stats"]  # running sums committed with the pairs
         self._bytes = committed["bytes"]
         if not read_only:  # other ranks of a multi-process run only read where the writer is
+            if self.commit_path.exists() and not self.path.exists() and self.final_path.exists():
+                # The previous run died after publishing the file and before dropping its commit record:
+                # the published file is the committed one; take it back and finalize again.
+                os.replace(self.final_path, self.path)
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if size < self._bytes:
+                # Extending it would pad committed pairs with NUL bytes.
+                raise PbkdError(f"{self.path}: {size} bytes where {self.commit_path.name} committed {self._bytes}; "
+                                "the partial file was cut or removed, start this run in a fresh directory")
             # Cut off a chunk that was being appended when the previous run died.
             with self.path.open("ab") as handle:
                 handle.truncate(self._bytes)

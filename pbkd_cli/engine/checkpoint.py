@@ -170,13 +170,20 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        for engine_name, engine in self.engines.items():
-            # Collective: every rank writes its own shard of the weights and optimiser state.
-            engine.save_checkpoint(str(tmp), tag=engine_name, save_latest=False)
-        torch.save(rng_state(), tmp / f"rng-rank{self.rank}.pt")
-        barrier()
+        try:
+            for engine_name, engine in self.engines.items():
+                # Collective: every rank writes its own shard of the weights and optimiser state.
+                engine.save_checkpoint(str(tmp), tag=engine_name, save_latest=False)
+            torch.save(rng_state(), tmp / f"rng-rank{self.rank}.pt")
+            barrier()
+            if self.is_main:
+                atomic_write_json(tmp / "state.json", {"step": step, "loop": loop_state, "config": self.config})
+        except BaseException:
+            # A failed save (a full disk) leaves the previous checkpoint as the newest, and no debris.
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self.is_main:
-            atomic_write_json(tmp / "state.json", {"step": step, "loop": loop_state, "config": self.config})
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)

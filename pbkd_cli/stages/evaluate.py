@@ -24,7 +24,7 @@ from pbkd_cli.data.prompts import collate, encode_prompts, fit_to_context
 from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import gather, inference_device, shard
 from pbkd_cli.generation import generate
-from pbkd_cli.io import PbkdError, atomic_write_text, write_jsonl
+from pbkd_cli.io import PbkdError, atomic_write_text, path_component, write_jsonl
 from pbkd_cli.objectives.policy_gradient import sequence_logprobs
 from pbkd_cli.objectives.scoring import multiple_choice_figures, rouge_l
 from pbkd_cli.runner import Run
@@ -170,6 +170,11 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     role = cfg.eval.model.value
     benchmarks = dict(cfg.eval.benchmarks) or {"task": BenchmarkConfig()}
     models = dict(cfg.eval.models) or {role: getattr(cfg.model, role).name_or_path}
+    # Labels and benchmark names become file and directory names under the run directory.
+    for label in cfg.eval.models:
+        path_component(label, f"eval.models.{label}")
+    for name in benchmarks:
+        path_component(name, f"eval.benchmarks.{name}")
     results = {}
     for label, name_or_path in models.items():
         model_cfg = dataclasses.replace(getattr(cfg.model, role), name_or_path=name_or_path)

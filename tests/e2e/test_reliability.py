@@ -184,6 +184,15 @@ def test_empty_or_incomplete_preferences_are_one_line(workdir, content, message)
     assert result.returncode == 2 and message in last_line(result)
 
 
+def test_a_run_directory_takes_only_its_own_run(workdir, trained_teacher):
+    run_dir = trained_teacher.parent
+    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "summary.json", "run_info.json")}
+    result = pbkd("sft", *TINY, "sft.model=student", f"hydra.run.dir={run_dir}", cwd=workdir)
+    assert result.returncode == 2
+    assert last_line(result).startswith(f"error: hydra.run.dir={run_dir}: holds a run with ")
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+
+
 def test_empty_train_split_is_one_line(workdir):
     result = pbkd("sft", *TINY, "data.train_limit=0", "hydra.run.dir=sft_empty", cwd=workdir)
     assert result.returncode == 2 and last_line(result) == "error: data: the train split is empty"

@@ -3,7 +3,7 @@
 import pytest
 
 from pbkd_cli.config.compose import ConfigError, compose, plan_jobs, to_typed, with_stage_overrides
-from pbkd_cli.config.schema import PbkdConfig, ResponseSource
+from pbkd_cli.config.schema import RANGES, PbkdConfig, ResponseSource, out_of_range
 
 
 def typed(*overrides: str) -> PbkdConfig:
@@ -70,3 +70,35 @@ def test_stage_overrides_apply_below_the_users_own():
     assert demo_teacher, planned
     user_wins = with_stage_overrides("sft", ["+exp=demo", "trainer.max_steps=7"], step="teacher")
     assert to_typed(compose(user_wins)).trainer.max_steps == 7
+
+
+def test_every_range_names_a_schema_key_and_the_defaults_lie_inside():
+    assert out_of_range(PbkdConfig(stage="sft")) is None  # walks every key: a stale one raises here
+    for exp in ("demo", "gsm8k"):
+        for stage in ("sft", "collect_prefs", "train_rm", "minmax", "online", "eval", "pipeline"):
+            to_typed(compose(with_stage_overrides(stage, [f"+exp={exp}"])))
+    assert "trainer.micro_batch_size" in RANGES and "train_rm.heldout_fraction" in RANGES
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.micro_batch_size=0", "trainer.micro_batch_size=0: must be >= 1"),
+    ("trainer.grad_accum=-2", "trainer.grad_accum=-2: must be >= 1"),
+    ("trainer.max_steps=0", "trainer.max_steps=0: must be >= 1"),
+    ("trainer.lr=-1e-3", "trainer.lr=-0.001: must be >= 0"),
+    ("trainer.warmup_ratio=1", "trainer.warmup_ratio=1.0: must be >= 0 and < 1"),
+    ("train_rm.heldout_fraction=1", "train_rm.heldout_fraction=1.0: must be >= 0 and < 1"),
+    ("generation.top_p=0", "generation.top_p=0.0: must be > 0 and <= 1"),
+    ("collect_prefs.chunk_prompts=0", "collect_prefs.chunk_prompts=0: must be >= 1"),
+    ("minmax.iterations=0", "minmax.iterations=0: must be >= 1"),
+    ("minmax.temperature=0", "minmax.temperature=0.0: must be > 0"),
+    ("sft.kd.chunk_size=-1", "sft.kd.chunk_size=-1: must be >= 1"),
+])
+def test_values_out_of_range_are_one_line_before_any_job(override, message):
+    with pytest.raises(ConfigError) as err:
+        plan_jobs("sft", ["+exp=demo", override], multirun=False)
+    assert str(err.value) == message
+
+
+def test_a_sweep_with_one_point_out_of_range_is_refused_whole():
+    with pytest.raises(ConfigError, match=r"^trainer.micro_batch_size=0: must be >= 1$"):
+        plan_jobs("sft", ["trainer.micro_batch_size=8,0"], multirun=True)

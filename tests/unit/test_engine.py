@@ -108,6 +108,22 @@ def test_an_unfinished_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
     assert checkpoints(tmp_path, FakeEngine()).restore() == {"step": 2}
 
 
+def test_a_save_that_fails_on_a_full_disk_leaves_no_debris_and_the_previous_checkpoint(tmp_path):
+    class FullDisk(FakeEngine):
+        def save_checkpoint(self, save_dir, tag, save_latest):
+            Path(save_dir, tag).mkdir()
+            Path(save_dir, tag, "half.pt").write_bytes(b"x")
+            # What safetensors raises when the disk fills up: not an OSError.
+            raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                               'message: "No space left on device" })')
+
+    checkpoints(tmp_path, FakeEngine()).save(2, {"step": 2})
+    with pytest.raises(RuntimeError) as err:
+        checkpoints(tmp_path, FullDisk()).save(4, {"step": 4})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000002"]
+    assert one_line_exit(err.value) == (2, "error: no space left on the device writing an artefact")
+
+
 def test_a_stop_signal_saves_at_the_end_of_the_step_and_raises(tmp_path):
     engine = FakeEngine()
     saver = checkpoints(tmp_path, engine, every=0)
@@ -204,6 +220,9 @@ def test_user_facing_failures_become_one_line_and_bugs_do_not():
         2, "error: no space left on the device writing /run/model.safetensors")
     assert one_line_exit(PbkdError("data: the train split is empty")) == (2, "error: data: the train split is empty")
     assert one_line_exit(OSError(errno.EACCES, "Permission denied")) is None
+    wrapped = RuntimeError("PytorchStreamWriter failed writing file data/0")
+    wrapped.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded", "/run/ckpt/optim.pt")
+    assert one_line_exit(wrapped) == (2, "error: no space left on the device writing /run/ckpt/optim.pt")
     assert one_line_exit(ValueError("a bug")) is None
 
 

@@ -46,3 +46,24 @@ def test_bad_preference_files_name_the_file_and_line(tmp_path):
         load_preferences(bad)
     with pytest.raises(PbkdError, match="no such file"):
         load_preferences(tmp_path / "missing.jsonl")
+
+
+def test_a_run_killed_between_publishing_and_dropping_its_commit_keeps_its_pairs(tmp_path):
+    target = tmp_path / "prefs.jsonl"
+    writer = PreferenceWriter(target)
+    writer.append_chunk([pair(0), pair(1)], prompts=2)
+    good = writer.path.read_bytes()
+    writer.path.replace(target)  # finalize's first half; the commit record is still there
+    resumed = PreferenceWriter(target)
+    assert resumed.prompts_done == 2 and resumed.pairs == 2
+    assert resumed.finalize().read_bytes() == good and not writer.commit_path.exists()
+
+
+def test_a_partial_file_shorter_than_its_commit_is_refused_not_padded(tmp_path):
+    target = tmp_path / "prefs.jsonl"
+    writer = PreferenceWriter(target)
+    writer.append_chunk([pair(0), pair(1)], prompts=2)
+    writer.path.write_bytes(writer.path.read_bytes()[:10])
+    with pytest.raises(PbkdError, match="prefs.partial.jsonl: 10 bytes where prefs.commit.json committed"):
+        PreferenceWriter(target)
+    assert len(writer.path.read_bytes()) == 10
