@@ -84,13 +84,14 @@ def first_difference(old, new, prefix: str = "") -> str | None:
 
 
 def check_run_dir(run_dir: Path, config: dict) -> None:
-    """A directory that already holds a run takes only that run again (to resume or redo it): another
-    stage or another config there would overwrite its results, or resume from its checkpoints."""
+    """A directory that already holds a run (its summary or checkpoints) takes only that run again, to
+    resume or redo it: another stage or another config there would overwrite its results, or resume
+    from its checkpoints."""
     if run_dir.exists() and not run_dir.is_dir():
         raise PbkdError(f"hydra.run.dir={run_dir}: is a file, not a directory")
     saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
+    if not saved.is_file() or not any((run_dir / name).exists() for name in ("summary.json", "checkpoints")):
+        return  # nothing to overwrite or resume from: a run that failed before its first checkpoint
     old = OmegaConf.to_container(OmegaConf.load(saved))
     key = first_difference(old, config)
     if key:

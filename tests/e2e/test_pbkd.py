@@ -94,7 +94,7 @@ def test_minmax_plays_the_game_and_logs_its_figures(workdir, trained_teacher, pr
 
 def test_minmax_rejects_batch_arithmetic_that_does_not_fit(workdir, prefs, reward_model):
     result = pbkd("minmax", *TINY, *MINMAX, "trainer.micro_batch_size=3",
-                  f"minmax.prefs_path={prefs / 'prefs.jsonl'}", "hydra.run.dir=bad", cwd=workdir)
+                  f"minmax.prefs_path={prefs / 'prefs.jsonl'}", "hydra.run.dir=bad_minmax", cwd=workdir)
     assert result.returncode == 2 and "trainer.micro_batch_size=3" in result.stderr.strip().splitlines()[-1]
 
 

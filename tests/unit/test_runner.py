@@ -18,6 +18,8 @@ def test_first_difference_names_the_first_differing_key_and_skips_logging_and_ch
 def test_a_directory_holding_another_run_is_refused_in_one_line(tmp_path):
     saved = {"stage": "sft", "sft": {"model": "teacher"}, "seed": 0}
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    check_run_dir(tmp_path, {**saved, "seed": 1})  # a run that failed before any result: free to reuse
+    (tmp_path / "summary.json").write_text("{}")
     check_run_dir(tmp_path, saved)  # the same run again: resume
     check_run_dir(tmp_path / "fresh", {"stage": "eval"})
     with pytest.raises(PbkdError) as err:
