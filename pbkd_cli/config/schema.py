@@ -139,10 +139,8 @@ class GenerationConfig:
 
     # Who samples fixed models (collection, evaluation); the min-max game always uses `hf`.
     backend: GenerationBackend = GenerationBackend.auto
-    max_new_tokens: int = 64
-    temperature: float = 1.0
     top_p: float = 1.0
-    batch_size: int = 64
+    batch_size: int = 128
 
 
 class LrSchedule(str, Enum):
@@ -308,12 +306,13 @@ class CollectPrefsConfig:
     max_pairs_per_prompt: int = 2
     # The prompts are the train split's [prompt_offset, prompt_offset + num_prompts).
     prompt_offset: int = 0
-    num_prompts: Optional[int] = None
+    num_prompts: Optional[int] = 1000
     # Prompts per committed chunk: a killed run redoes at most one chunk.
     chunk_prompts: int = 64
     format: PrefsFormat = PrefsFormat.jsonl
     iteration: int = 0
-    judge: ApiConfig = field(default_factory=ApiConfig)
+    # The llm_judge labeler's endpoint (`pbkd serve` on this machine by default).
+    judge: ApiConfig = field(default_factory=lambda: ApiConfig(base_url="http://127.0.0.1:8000/v1", model="judge"))
 
 
 class RewardPooling(str, Enum):
@@ -485,7 +484,7 @@ RANGES: Dict[str, tuple] = {
         "minmax.eval_prompts", "online.iterations", "online.prompts_per_iteration")},
     **{key: (0, None, True, False) for key in (
         "trainer.lr", "trainer.weight_decay", "trainer.max_grad_norm", "trainer.checkpoint_every",
-        "data.train_limit", "data.test_limit", "generation.temperature", "sft.teacher_temperature",
+        "data.train_limit", "data.test_limit", "sft.teacher_temperature",
         "sft.kd.ce_weight", "eval.temperature", "collect_prefs.temperature", "collect_prefs.prompt_offset",
         "minmax.prompt_offset", "minmax.teacher_temperature", "minmax.beta", "minmax.reward_l2", "minmax.rm_lr",
         "minmax.negative_weight", "minmax.kl_coef", "minmax.eval_every")},

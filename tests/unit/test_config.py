@@ -102,3 +102,15 @@ def test_values_out_of_range_are_one_line_before_any_job(override, message):
 def test_a_sweep_with_one_point_out_of_range_is_refused_whole():
     with pytest.raises(ConfigError, match=r"^trainer.micro_batch_size=0: must be >= 1$"):
         plan_jobs("sft", ["trainer.micro_batch_size=8,0"], multirun=True)
+
+
+def test_conf_config_yaml_states_the_schema_defaults():
+    """One source of defaults: outside the sections config groups provide, conf/config.yaml composes to
+    exactly the schema's defaults, so reading either tells the truth."""
+    from pbkd_cli.runner import config_as_dict
+
+    composed = config_as_dict(typed())
+    defaults = config_as_dict(PbkdConfig(stage="sft"))
+    for grouped in ("model", "data", "deepspeed", "eval"):
+        composed.pop(grouped), defaults.pop(grouped)
+    assert composed == defaults
