@@ -38,6 +38,9 @@ def _check_local(name_or_path: str, key: str) -> None:
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise PbkdError(f"{key}.name_or_path={name_or_path}: no such file or directory")
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise PbkdError(f"{key}.name_or_path={name_or_path}: a file, not a model directory "
+                        f"(a GGUF file goes in {key}.gguf_file, its directory in name_or_path)")
 
 
 def load_tokenizer(cfg: ModelConfig, key: str, tokenizer_cfg: TokenizerConfig,
@@ -49,9 +52,13 @@ def load_tokenizer(cfg: ModelConfig, key: str, tokenizer_cfg: TokenizerConfig,
         from transformers import AutoTokenizer
 
         _check_local(cfg.name_or_path, key)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision,
-                                                  gguf_file=cfg.gguf_file,
-                                                  trust_remote_code=cfg.trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                                      gguf_file=cfg.gguf_file,
+                                                      trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise PbkdError(f"{key}.name_or_path={cfg.name_or_path}: no tokenizer there "
+                            f"({str(exc).splitlines()[0][:200]})") from None
     if tokenizer.eos_token is None:
         raise PbkdError(f"{key}: the tokenizer has no eos token; generation could not stop")
     if tokenizer.pad_token is None:
@@ -104,7 +111,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, key: str):
         _check_local(cfg.name_or_path, key)
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **_pretrained_kwargs(cfg))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise PbkdError(f"{key}.name_or_path={cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
