@@ -42,9 +42,9 @@ class RewardModelAdversary:
     """The RM of the game: its engine, the teacher's answers it compares the student's with, and the
     preference pairs its Bradley-Terry term keeps it near."""
 
-    def __init__(self, cfg: PbkdConfig, examples, student_tokenizer, seed: int):
+    def __init__(self, cfg: PbkdConfig, examples, visited: list[int], student_tokenizer, seed: int):
         c = cfg.minmax
-        self.cfg, self.examples = cfg, examples
+        self.cfg = cfg
         self.tokenizer, rm = load_rm(cfg)
         self.pad = self.tokenizer.pad_token_id
         self.same_vocab = self.tokenizer.get_vocab() == student_tokenizer.get_vocab()
@@ -52,20 +52,12 @@ class RewardModelAdversary:
         pairs = game_preferences(cfg)
         self.pref_prompts, self.pref_chosen, self.pref_rejected = encode_pairs(pairs, cfg.data, self.tokenizer)
         self.pref_batches = Minibatches(len(pairs), min(c.rm_pref_batch, len(pairs)), seed + 1)
-        self.teacher = ResponseSampler(cfg, "teacher")
-        self.teacher_ids: dict[int, list[list[int]]] = {}
+        # The teacher answers the prompts the game may visit, once each, up front (it does not change), so
+        # that its weights are freed before the game.
+        texts = ResponseSampler(cfg, "teacher").sample([examples[i] for i in visited], c.teacher_samples_per_prompt,
+                                                       c.teacher_temperature)
+        self.teacher_ids = {i: encode_responses(t, cfg.data, self.tokenizer) for i, t in zip(visited, texts)}
         self.engine = adversary_engine(cfg, rm)
-
-    def teacher_answers(self, idx: list[int]) -> list[list[int]]:
-        """The teacher's answers to prompts `idx`, asked once per prompt the game trains on (it does not
-        change), `teacher_samples_per_prompt` each, flattened in the order of `idx`."""
-        c = self.cfg.minmax
-        new = [i for i in dict.fromkeys(idx) if i not in self.teacher_ids]
-        if new:
-            texts = self.teacher.sample([self.examples[i] for i in new], c.teacher_samples_per_prompt,
-                                        c.teacher_temperature)
-            self.teacher_ids.update({i: encode_responses(t, self.cfg.data, self.tokenizer) for i, t in zip(new, texts)})
-        return [r for i in idx for r in self.teacher_ids[i]]
 
     def batch(self, prompt_index: list[int], response_ids: list[list[int]], texts: list[str]):
         """(prompt, response) rows for the RM, reusing the student's ids when the vocabularies match."""
@@ -76,7 +68,7 @@ class RewardModelAdversary:
         """Gradient ascent on the Lagrangian (a descent on its negative), `rm_steps` times."""
         c = self.cfg.minmax
         teacher_batch = collate([self.prompts[i] for i in idx for _ in range(c.teacher_samples_per_prompt)],
-                                self.teacher_answers(idx), self.pad).to(self.engine.device)
+                                [r for i in idx for r in self.teacher_ids[i]], self.pad).to(self.engine.device)
         self.engine.train()
         for _ in range(c.rm_steps):
             pref = pair_batch(self.pref_prompts, self.pref_chosen, self.pref_rejected, next(self.pref_batches),
@@ -105,12 +97,13 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     tokenizer, policy = load_lm(cfg, "student")
     examples, overlong = fit_to_context(examples, examples, cfg.data, tokenizer, "minmax")
     student_prompts = encode_prompts(examples, cfg.data, tokenizer)
-    # The prompt pools of the whole game, drawn up front.
+    # The prompt pools of the whole game, drawn up front (the teacher answers those alone).
     schedule = list(itertools.islice(Minibatches(len(examples), c.prompts_per_iteration * c.oversample, cfg.seed),
                                      c.iterations))
     adversary = None
     if c.reward == GameReward.rm:
-        adversary = RewardModelAdversary(cfg, examples, tokenizer, cfg.seed)
+        visited = sorted({i for pool in schedule for i in pool})
+        adversary = RewardModelAdversary(cfg, examples, visited, tokenizer, cfg.seed)
     policy_engine, reference = policy_engines(cfg, policy)
     heldout = HeldoutAccuracy(cfg, tokenizer)
 
