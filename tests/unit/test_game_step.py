@@ -131,3 +131,14 @@ def test_widest_prompts_keep_each_sample_with_its_own_reward():
     assert idx == [7, 5]
     assert kept.prompt_ids == [[7], [7], [5], [5]] and kept.response_ids == [[1], [2], [5], [6]]
     assert kept_rewards.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_mm_pbkd_refuses_oversampling_in_one_line_and_its_rl_control_takes_it():
+    from pbkd_cli.config.schema import GameReward, Variant
+
+    cfg = game_config(oversample=2)
+    cfg.variant = Variant.white_box
+    with pytest.raises(PbkdError, match=r"^minmax.oversample=2: MM PbKD trains on every prompt it samples"):
+        check_game(cfg)
+    cfg.minmax.reward = GameReward.correctness
+    check_game(cfg)
