@@ -385,6 +385,12 @@ class MinMaxConfig:
     # The teacher's answers the RM compares the student's with: 0 is greedy (its best answer, as vanilla
     # KD's data), which allows one sample per prompt.
     teacher_temperature: float = 0.0
+    # Student step: the teacher's answers join each prompt's group, scored by the same reward, as
+    # off-policy samples: where every sample of the student is wrong and the teacher's answer is right
+    # the group's only signal is to imitate the teacher (which a ranking reward alone cannot give: it
+    # pushes the least bad wrong sample up), and where the student already answers as the teacher does
+    # the group is silent. The game's budget counts them.
+    teacher_in_group: bool = False
     # RM step: ascend mean r(teacher) - mean r(student) - beta * L_BT - reward_l2 * mean r^2.
     beta: float = 1.0
     reward_l2: float = 0.01

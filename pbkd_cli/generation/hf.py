@@ -28,6 +28,34 @@ class Samples:
         return Samples([self.prompt_ids[r] for r in rows], [self.response_ids[r] for r in rows],
                        [self.texts[r] for r in rows], [self.finished[r] for r in rows], self.num_samples)
 
+    def joined(self, response_ids: list[list[list[int]]], texts: list[list[str]]) -> "Samples":
+        """These samples with `response_ids[g]` (and their `texts[g]`) appended to group g: responses
+        of another source (the teacher's answers) that the group's baseline then also covers. Every
+        group gets the same number, so rows i*k' .. i*k'+k'-1 still answer prompt i."""
+        extra = {len(r) for r in response_ids}
+        if len(response_ids) != self.num_groups or len(extra) != 1 or [len(t) for t in texts] != [len(r) for r in response_ids]:
+            raise ValueError(f"need the same number of responses (and texts) for each of the {self.num_groups} groups")
+        k, m = self.num_samples, extra.pop()
+        out = Samples([], [], [], [], k + m)
+        for g in range(self.num_groups):
+            rows = range(g * k, (g + 1) * k)
+            prompt = self.prompt_ids[g * k]
+            out.prompt_ids += [self.prompt_ids[r] for r in rows] + [prompt] * m
+            out.response_ids += [self.response_ids[r] for r in rows] + response_ids[g]
+            out.texts += [self.texts[r] for r in rows] + texts[g]
+            out.finished += [self.finished[r] for r in rows] + [True] * m
+        return out
+
+    def head(self, k: int) -> "Samples":
+        """The first `k` responses of every group (the student's own, of a `joined` group)."""
+        rows = [g * self.num_samples + j for g in range(self.num_groups) for j in range(k)]
+        return Samples([self.prompt_ids[r] for r in rows], [self.response_ids[r] for r in rows],
+                       [self.texts[r] for r in rows], [self.finished[r] for r in rows], k)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.response_ids) // self.num_samples
+
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(r) for r in rows)

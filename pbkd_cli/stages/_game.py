@@ -23,6 +23,7 @@ from pbkd_cli.io import PbkdError
 from pbkd_cli.objectives.bradley_terry import within_group_accuracy
 from pbkd_cli.objectives.policy_gradient import (clipped_policy_gradient_loss, kl_penalty, sequence_logprobs,
                                                  widest_groups)
+from pbkd_cli.stages._shared import ResponseSampler
 
 
 @torch.no_grad()
@@ -42,15 +43,22 @@ def token_logprobs(model, batch, micro_batch_size: int, vocab_size: int | None =
     return torch.cat(out)
 
 
+def group_size(cfg: PbkdConfig) -> int:
+    """Responses per prompt in the student step: its own samples, and the teacher's answers when they
+    join the group (`minmax.teacher_in_group`)."""
+    c = cfg.minmax
+    return c.samples_per_prompt + (c.teacher_samples_per_prompt if c.teacher_in_group else 0)
+
+
 def rollouts_per_update(cfg: PbkdConfig) -> int:
     """Rollouts behind one optimiser step of the student: a PPO minibatch of the iteration's rollouts."""
     c, micro = cfg.minmax, cfg.trainer.micro_batch_size
-    rollouts = c.prompts_per_iteration * c.samples_per_prompt
+    rollouts = c.prompts_per_iteration * group_size(cfg)
     per_update = c.rollouts_per_update or rollouts
     if rollouts % per_update or per_update % micro:
         raise PbkdError(f"minmax.rollouts_per_update={per_update}: must divide the iteration's rollouts "
-                        f"(prompts_per_iteration x samples_per_prompt = {rollouts}) and be a multiple of "
-                        f"trainer.micro_batch_size={micro}")
+                        f"(prompts_per_iteration x {group_size(cfg)} responses per group = {rollouts}) and be a "
+                        f"multiple of trainer.micro_batch_size={micro}")
     return per_update
 
 
@@ -65,6 +73,9 @@ def check_game(cfg: PbkdConfig) -> None:
                         "oversampling is for the black-box game and its RL control")
     if c.negative_weight < 0:
         raise PbkdError(f"minmax.negative_weight={c.negative_weight}: a weight on negative advantages, >= 0")
+    if c.teacher_in_group and cfg.variant == Variant.white_box and c.reward == GameReward.rm:
+        raise PbkdError("minmax.teacher_in_group=true: MM PbKD's student step is on its own samples; the "
+                        "teacher's answers join the groups of the black-box game and its RL control")
     if c.teacher_temperature == 0 and c.teacher_samples_per_prompt != 1:
         raise PbkdError(f"minmax.teacher_samples_per_prompt={c.teacher_samples_per_prompt}: greedy teacher "
                         "answers (minmax.teacher_temperature=0) give one per prompt")
@@ -73,7 +84,7 @@ def check_game(cfg: PbkdConfig) -> None:
 def student_train_sequences(cfg: PbkdConfig) -> int:
     """The game's budget for a compute-matched baseline: sequences the student is trained on."""
     c = cfg.minmax
-    return c.iterations * c.prompts_per_iteration * c.samples_per_prompt * c.ppo_epochs
+    return c.iterations * c.prompts_per_iteration * group_size(cfg) * c.ppo_epochs
 
 
 def student_samples(cfg: PbkdConfig) -> int:
@@ -105,7 +116,7 @@ def policy_engines(cfg: PbkdConfig, policy):
     """The student's engine (its own optimiser [paper]) and the frozen initial policy the KL penalty
     refers to (None without a KL penalty)."""
     c, trainer = cfg.minmax, cfg.trainer
-    rollouts = c.prompts_per_iteration * c.samples_per_prompt
+    rollouts = c.prompts_per_iteration * group_size(cfg)
     per_update = rollouts_per_update(cfg)
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if c.kl_coef > 0 else None
     # One optimiser step per minibatch of rollouts, ppo_epochs passes per iteration.
@@ -140,6 +151,15 @@ def sample_rollouts(cfg: PbkdConfig, policy_engine, tokenizer, student_prompts, 
     """k samples per prompt from pi_old, as one right-padded batch, and the prompt of each row."""
     samples, prompt_index = sample_responses(cfg, policy_engine, tokenizer, student_prompts, idx)
     return samples, prompt_index, rollout_batch(samples, tokenizer, policy_engine.device)
+
+
+def teacher_answers(cfg: PbkdConfig, examples, visited: list[int]) -> dict[int, list[str]]:
+    """The teacher's answers to the prompts the game may visit, `minmax.teacher_samples_per_prompt` each,
+    sampled once up front (the teacher does not change), so that its weights are freed before the game."""
+    c = cfg.minmax
+    texts = ResponseSampler(cfg, "teacher").sample([examples[i] for i in visited], c.teacher_samples_per_prompt,
+                                                   c.teacher_temperature)
+    return dict(zip(visited, texts))
 
 
 def widest_prompts(pool: list[int], samples: Samples, rewards: torch.Tensor, keep: int):

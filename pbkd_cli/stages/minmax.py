@@ -31,10 +31,11 @@ from pbkd_cli.objectives.policy_gradient import group_advantages, weigh_negative
 from pbkd_cli.runner import Run
 from pbkd_cli.stages import mm_pbkd
 from pbkd_cli.stages._game import (HeldoutAccuracy, adversary_engine, answer_accuracy, game_preferences,
-                                   game_prompts, log_iteration, mean_metrics, policy_engines, policy_step,
-                                   rollout_batch, sample_figures, sample_responses, settled, student_samples,
-                                   student_train_sequences, token_logprobs, widest_prompts)
-from pbkd_cli.stages._shared import Minibatches, ResponseSampler, load_lm, load_rm
+                                   game_prompts, group_size, log_iteration, mean_metrics, policy_engines,
+                                   policy_step, rollout_batch, sample_figures, sample_responses, settled,
+                                   student_samples, student_train_sequences, teacher_answers, token_logprobs,
+                                   widest_prompts)
+from pbkd_cli.stages._shared import Minibatches, load_lm, load_rm
 from pbkd_cli.stages.train_rm import pair_batch
 
 
@@ -42,7 +43,7 @@ class RewardModelAdversary:
     """The RM of the game: its engine, the teacher's answers it compares the student's with, and the
     preference pairs its Bradley-Terry term keeps it near."""
 
-    def __init__(self, cfg: PbkdConfig, examples, visited: list[int], student_tokenizer, seed: int):
+    def __init__(self, cfg: PbkdConfig, examples, answers: dict[int, list[str]], student_tokenizer, seed: int):
         c = cfg.minmax
         self.cfg = cfg
         self.tokenizer, rm = load_rm(cfg)
@@ -52,11 +53,7 @@ class RewardModelAdversary:
         pairs = game_preferences(cfg)
         self.pref_prompts, self.pref_chosen, self.pref_rejected = encode_pairs(pairs, cfg.data, self.tokenizer)
         self.pref_batches = Minibatches(len(pairs), min(c.rm_pref_batch, len(pairs)), seed + 1)
-        # The teacher answers the prompts the game may visit, once each, up front (it does not change), so
-        # that its weights are freed before the game.
-        texts = ResponseSampler(cfg, "teacher").sample([examples[i] for i in visited], c.teacher_samples_per_prompt,
-                                                       c.teacher_temperature)
-        self.teacher_ids = {i: encode_responses(t, cfg.data, self.tokenizer) for i, t in zip(visited, texts)}
+        self.teacher_ids = {i: encode_responses(t, cfg.data, self.tokenizer) for i, t in answers.items()}
         self.engine = adversary_engine(cfg, rm)
 
     def batch(self, prompt_index: list[int], response_ids: list[list[int]], texts: list[str]):
@@ -100,10 +97,12 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     # The prompt pools of the whole game, drawn up front (the teacher answers those alone).
     schedule = list(itertools.islice(Minibatches(len(examples), c.prompts_per_iteration * c.oversample, cfg.seed),
                                      c.iterations))
-    adversary = None
-    if c.reward == GameReward.rm:
-        visited = sorted({i for pool in schedule for i in pool})
-        adversary = RewardModelAdversary(cfg, examples, visited, tokenizer, cfg.seed)
+    answers = None  # the teacher's, for the RM's gap term and the groups it joins
+    if c.reward == GameReward.rm or c.teacher_in_group:
+        answers = teacher_answers(cfg, examples, sorted({i for pool in schedule for i in pool}))
+    adversary = RewardModelAdversary(cfg, examples, answers, tokenizer, cfg.seed) if c.reward == GameReward.rm else None
+    teacher_rows = {i: encode_responses(t, cfg.data, tokenizer) for i, t in answers.items()} if c.teacher_in_group else None
+    k, own = group_size(cfg), c.samples_per_prompt
     policy_engine, reference = policy_engines(cfg, policy)
     heldout = HeldoutAccuracy(cfg, tokenizer)
 
@@ -128,41 +127,49 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         pool = schedule[iteration - 1]
         require_finite = lambda value, what="policy loss": checkpoints.require_finite(value, iteration, what)  # noqa: E731
         clock = time.perf_counter()
-        # 1. Student samples from pi_old; the game goes on with the prompts_per_iteration prompts of the
-        # pool whose samples the reward tells apart most.
+        # 1. Student samples from pi_old (with the teacher's answers in each group, if they join it); the
+        # game goes on with the prompts_per_iteration prompts of the pool whose groups the reward tells
+        # apart most.
         pool_samples, pool_index = sample_responses(cfg, policy_engine, tokenizer, student_prompts, pool)
+        pool_groups = (pool_samples.joined([teacher_rows[i] for i in pool], [answers[i] for i in pool])
+                       if teacher_rows else pool_samples)
         if c.oversample > 1:
-            idx, samples, rewards = widest_prompts(pool, pool_samples, reward_of(pool_samples, pool_index),
-                                                   c.prompts_per_iteration)
+            idx, groups, rewards = widest_prompts(pool, pool_groups,
+                                                  reward_of(pool_groups, [i for i in pool for _ in range(k)]),
+                                                  c.prompts_per_iteration)
         else:
-            idx, samples, rewards = pool, pool_samples, None
-        prompt_index = [i for i in idx for _ in range(c.samples_per_prompt)]
+            idx, groups, rewards = pool, pool_groups, None
+        prompt_index = [i for i in idx for _ in range(k)]
+        samples, own_index = groups.head(own), [i for i in idx for _ in range(own)]  # the student's own
         seconds = {"sample": time.perf_counter() - clock}
 
         clock = time.perf_counter()
         figures = {"sample/pool_accuracy": answer_accuracy(pool_samples, examples, pool_index)}
         if adversary:
-            # 2. RM step, then the updated RM's rewards.
-            student_rm_batch = adversary.batch(prompt_index, samples.response_ids, samples.texts)
-            figures.update(adversary.step(idx, student_rm_batch, lambda v: require_finite(v, "RM objective")))
-            rewards = adversary.rewards(student_rm_batch).cpu()
+            # 2. RM step on the student's own samples, then the updated RM's rewards.
+            figures.update(adversary.step(idx, adversary.batch(own_index, samples.response_ids, samples.texts),
+                                          lambda v: require_finite(v, "RM objective")))
+            rewards = adversary.rewards(adversary.batch(prompt_index, groups.response_ids, groups.texts)).cpu()
         elif rewards is None:
-            rewards = reward_of(samples, prompt_index)
+            rewards = reward_of(groups, prompt_index)
         seconds["rm_step"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         # 3. Student step: clipped policy gradient on the rewards' group advantages.
-        rollout = rollout_batch(samples, tokenizer, policy_engine.device)
+        rollout = rollout_batch(groups, tokenizer, policy_engine.device)
         old_logprobs = token_logprobs(policy_engine.module, rollout, trainer.micro_batch_size, temperature=c.temperature)
         ref_logprobs = (token_logprobs(reference, rollout, trainer.micro_batch_size, temperature=c.temperature)
                         if reference else None)
-        advantages = group_advantages(rewards, c.samples_per_prompt, scale=c.advantage_scale.value,
+        advantages = group_advantages(rewards, k, scale=c.advantage_scale.value,
                                       leave_one_out=c.baseline == Baseline.leave_one_out)
         advantages = weigh_negative_advantages(advantages, c.negative_weight).to(policy_engine.device)
         pg_metrics = policy_step(cfg, policy_engine, rollout, old_logprobs, ref_logprobs, advantages, require_finite)
         seconds["policy_step"] = time.perf_counter() - clock
 
-        figures.update(sample_figures(samples, examples, prompt_index, rewards))
+        by_group = rewards.reshape(-1, k)
+        figures.update(sample_figures(samples, examples, own_index, by_group[:, :own].reshape(-1)))
+        if teacher_rows:
+            figures["reward/teacher_minus_student"] = (by_group[:, own:].mean() - by_group[:, :own].mean()).item()
         figures.update({f"pg/{k}": v for k, v in mean_metrics(pg_metrics).items()})
         if heldout.due(iteration):
             figures["heldout_accuracy"] = heldout(policy_engine.module)

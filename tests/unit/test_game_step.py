@@ -142,3 +142,61 @@ def test_mm_pbkd_refuses_oversampling_in_one_line_and_its_rl_control_takes_it():
         check_game(cfg)
     cfg.minmax.reward = GameReward.correctness
     check_game(cfg)
+
+
+def test_teacher_answers_join_each_group_after_the_students_own():
+    from pbkd_cli.generation.hf import Samples
+    samples = Samples(prompt_ids=[[7], [7], [3], [3]], response_ids=[[1], [2], [3], [4]],
+                      texts=["a", "b", "c", "d"], finished=[True, False, True, True], num_samples=2)
+    joined = samples.joined([[[9]], [[8]]], [["T7"], ["T3"]])
+    assert joined.num_samples == 3 and joined.num_groups == 2
+    assert joined.prompt_ids == [[7], [7], [7], [3], [3], [3]]
+    assert joined.response_ids == [[1], [2], [9], [3], [4], [8]]
+    assert joined.texts == ["a", "b", "T7", "c", "d", "T3"]
+    assert joined.finished == [True, False, True, True, True, True]
+    assert joined.head(2) == samples
+    with pytest.raises(ValueError, match="same number of responses"):
+        samples.joined([[[9]], [[8], [6]]], [["T7"], ["T3", "x"]])
+
+
+def test_teacher_answers_in_the_group_count_in_the_batch_arithmetic_and_the_budget():
+    from pbkd_cli.stages._game import group_size, rollouts_per_update, student_train_sequences
+
+    cfg = game_config(teacher_in_group=True, iterations=3)
+    cfg.trainer.micro_batch_size = 8
+    assert group_size(cfg) == 5 and rollouts_per_update(cfg) == 40
+    assert student_train_sequences(cfg) == 3 * 8 * 5
+    with pytest.raises(PbkdError, match=r"^minmax.rollouts_per_update=32: .* 5 responses per group = 40"):
+        cfg.minmax.rollouts_per_update = 32
+        check_game(cfg)
+
+
+def test_where_every_own_sample_is_wrong_the_step_imitates_the_teachers_answer_in_the_group():
+    # Toy: the student's samples all earn 0, the teacher's answer (a fixed token string no untrained
+    # model samples) earns 1. With the teacher in the group its log-probability must climb; with the
+    # same rewards on the student's samples only, the group is silent and nothing is learnt about it.
+    def teacher_logprob_gain(teacher_in_group: bool) -> float:
+        cfg = game_config(iterations=6, teacher_in_group=teacher_in_group, negative_weight=0.0)
+        cfg.trainer.micro_batch_size = 8
+        tokenizer, policy = tiny_policy(cfg)
+        engine, _ = policy_engines(cfg, policy)
+        prompts = encode_prompts(load_examples(cfg.data, "train"), cfg.data, tokenizer)[:8]
+        answer = [[[11, 12, 13, tokenizer.eos_token_id]] for _ in prompts]
+        target = collate(prompts, [a[0] for a in answer], tokenizer.pad_token_id)
+        before = token_logprobs(engine.module, target, 8).sum(-1).mean().item()
+        torch.manual_seed(3)
+        for _ in range(6):
+            samples, _, _ = sample_rollouts(cfg, engine, tokenizer, prompts, list(range(8)))
+            if teacher_in_group:
+                samples = samples.joined(answer, [["t"] for _ in prompts])
+            k = samples.num_samples
+            rewards = torch.tensor([float(teacher_in_group and j == k - 1) for _ in prompts for j in range(k)])
+            rollout = collate(samples.prompt_ids, samples.response_ids, tokenizer.pad_token_id)
+            advantages = group_advantages(rewards, k, scale="batch")
+            old = token_logprobs(engine.module, rollout, 8)
+            policy_step(cfg, engine, rollout, old, None, advantages, require_finite=lambda v: None)
+        return token_logprobs(engine.module, target, 8).sum(-1).mean().item() - before
+
+    imitated, silent = teacher_logprob_gain(True), teacher_logprob_gain(False)
+    assert imitated > 2.0
+    assert abs(silent) < 0.1
