@@ -195,14 +195,25 @@ def report(
 @app.command("serve")
 def serve_command(
     model: str = typer.Argument(..., help="A model directory or hub id (safetensors)."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on. Any but loopback (e.g. 0.0.0.0) without "
+                             "an API key prints a warning: whoever reaches the port can use the model."),
     port: int = typer.Option(8000, help="Port (0: any free port)."),
     name: str = typer.Option("pbkd", help="The model name clients send."),
+    api_key_env: str = typer.Option("PBKD_SERVE_API_KEY", help="Environment variable with the API key: when "
+                                    "set, requests need `Authorization: Bearer <key>` (else 401)."),
+    max_tokens: int | None = typer.Option(None, min=1, help="Largest max_tokens a request may ask for "
+                                          "(default: the model's context, at most 4096)."),
+    max_body_bytes: int = typer.Option(4 * 2**20, min=1, help="Largest request body; a larger one gets 413."),
+    timeout: float = typer.Option(30.0, min=0.1, help="Seconds a connection may stall (sending its request, "
+                                  "reading the response) before it is dropped."),
 ) -> None:
-    """Serve a local model behind an OpenAI-compatible chat-completions API (a black-box teacher or judge)."""
+    """Serve a local model behind an OpenAI-compatible chat-completions API (a black-box teacher or judge).
+
+    A test and development server: one generation at a time, no streaming, n at most 16."""
     from pbkd_cli.generation.server import serve
 
-    serve(model, host, port, name)
+    serve(model, host, port, name, api_key_env=api_key_env, max_tokens=max_tokens, max_body=max_body_bytes,
+          timeout_s=timeout)
 
 
 if __name__ == "__main__":

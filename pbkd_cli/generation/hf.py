@@ -67,14 +67,29 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def _stopping(should_stop: Callable[[], bool] | None):
+    """`should_stop` as the stopping criterion `model.generate` takes (None: none)."""
+    if should_stop is None:
+        return None
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Until(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Until()])
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int = 1, max_new_tokens: int,
              temperature: float, top_p: float = 1.0, batch_size: int = 64,
-             progress: Callable[[Iterable, int], Iterable] = lambda it, total: it) -> Samples:
+             progress: Callable[[Iterable, int], Iterable] = lambda it, total: it,
+             should_stop: Callable[[], bool] | None = None) -> Samples:
     """Sample `num_samples` responses per prompt (`temperature == 0`: greedy, one per prompt).
 
     Prompts are batched in order of length so that little compute goes to padding; results come
-    back in the caller's order.
+    back in the caller's order. `should_stop` is asked after every decoding step; once it says True,
+    the unfinished responses end where they are (`pbkd serve`: the client went away).
     """
     greedy = temperature == 0
     if greedy and num_samples != 1:
@@ -96,7 +111,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int 
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
             top_k=None, num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos, use_cache=True, synced_gpus=synced,
+            eos_token_id=eos, use_cache=True, synced_gpus=synced, stopping_criteria=_stopping(should_stop),
         )
         generated = out[:, ids.shape[1]:].tolist()
         for j, index in enumerate(batch):

@@ -23,6 +23,19 @@ from pbkd_cli.io import PbkdError, atomic_write_json
 log = logging.getLogger("pbkd")
 
 
+def _server_message(exc: urllib.error.HTTPError, key: str | None) -> str:
+    """': <message>' from the server's OpenAI-style error body ({"error": {"message": ...}}), or ''."""
+    try:
+        error = json.loads(exc.read(2**16)).get("error")
+    except (OSError, ValueError, AttributeError):  # no body, not JSON, not an object, or it timed out
+        return ""
+    message = error.get("message") if isinstance(error, dict) else error
+    if not message:
+        return ""
+    message = str(message).replace(key, "***") if key else str(message)  # never logged, even if echoed back
+    return ": " + " ".join(message.split())[:300]  # one line, whatever the server sent
+
+
 @dataclass(frozen=True)
 class ChatEndpoint:
     base_url: str
@@ -70,7 +83,7 @@ class ChatEndpoint:
                     payload = json.loads(response.read())
                 return [choice["message"]["content"] for choice in payload["choices"]]
             except urllib.error.HTTPError as exc:
-                last_error = f"HTTP {exc.code}"
+                last_error = f"HTTP {exc.code}{_server_message(exc, key)}"
                 if exc.code not in (408, 409, 429) and exc.code < 500:
                     break  # a client error will not go away by retrying
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:

@@ -10,6 +10,8 @@ import pytest
 
 from pbkd_cli.data.gsm8k import extract_answer
 from pbkd_cli.data.preferences import load_preferences
+from pbkd_cli.generation.openai_api import ChatEndpoint
+from pbkd_cli.io import PbkdError
 
 from tests.chat_server import chat_server
 
@@ -76,21 +78,33 @@ def test_unreachable_judge_is_one_line(workdir, trained_teacher):
     assert not (workdir / "prefs_nojudge" / "prefs.jsonl").exists()
 
 
-def test_teacher_served_from_a_local_model_and_cached_so_a_rerun_asks_nothing(workdir, trained_teacher):
-    """`pbkd serve` puts the tiny teacher behind the OpenAI protocol; the client's cache answers reruns."""
-    server = subprocess.Popen([sys.executable, "-m", "pbkd_cli.cli", "serve", str(trained_teacher), "--port", "0",
-                               "--name", "tiny-teacher"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def test_teacher_served_from_a_local_model_and_cached_so_a_rerun_asks_nothing(workdir, trained_teacher,
+                                                                              monkeypatch):
+    """`pbkd serve` puts the tiny teacher behind the OpenAI protocol, behind a key; the client's cache
+    answers reruns."""
+    monkeypatch.setenv("PBKD_TEST_SERVE_KEY", "serve-secret")
+    monkeypatch.delenv("PBKD_TEST_NO_KEY", raising=False)
+    log = workdir / "serve.log"
+    with log.open("w") as stderr:
+        server = subprocess.Popen([sys.executable, "-m", "pbkd_cli.cli", "serve", str(trained_teacher), "--port", "0",
+                                   "--name", "tiny-teacher", "--api-key-env", "PBKD_TEST_SERVE_KEY"],
+                                  stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         url = server.stdout.readline().strip().split(" at ")[-1]
         assert url.startswith("http://127.0.0.1:"), url
+        # Without the key: a 401, and the client says why in its one line.
+        no_key = ChatEndpoint(base_url=url, model="tiny-teacher", api_key_env="PBKD_TEST_NO_KEY", max_retries=0)
+        with pytest.raises(PbkdError, match=r"\(HTTP 401: missing or wrong API key"):
+            no_key.complete([{"role": "user", "content": "hi"}])
         cache = workdir / "api_cache"
         args = [*TINY, *PREFS, "collect_prefs.num_prompts=8", f"model.teacher.api.base_url={url}",
-                "model.teacher.api.model=tiny-teacher",
+                "model.teacher.api.model=tiny-teacher", "model.teacher.api.api_key_env=PBKD_TEST_SERVE_KEY",
                 f"model.teacher.api.cache_dir={cache}", "model.teacher.api.max_retries=0"]
         ok(pbkd("collect-prefs", *args, f"hydra.run.dir={workdir / 'prefs_served'}", cwd=workdir))
     finally:
         server.terminate()
         server.wait()
+    assert "serve-secret" not in log.read_text(), "the server must never print the key"
     pairs = load_preferences(workdir / "prefs_served" / "prefs.jsonl")
     assert pairs and all(p.chosen_source == "teacher" for p in pairs)
     # The served text came through (a 6-step tiny teacher sampled at temperature 1 may also stop at once,
