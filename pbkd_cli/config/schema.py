@@ -385,6 +385,10 @@ class MinMaxConfig:
     # The teacher's answers the RM compares the student's with: 0 is greedy (its best answer, as vanilla
     # KD's data), which allows one sample per prompt.
     teacher_temperature: float = 0.0
+    # The teacher's answers as JSONL rows {"id", "response"} (sft's teacher_responses.jsonl, whose greedy
+    # answers are these), teacher_samples_per_prompt per prompt; null: the teacher answers the game's
+    # prompts itself. The pipeline passes vanilla KD's, so that no game samples the teacher again.
+    teacher_answers_path: Optional[str] = None
     # Student step: the teacher's answers join each prompt's group, scored by the same reward, as
     # off-policy samples: where every sample of the student is wrong and the teacher's answer is right
     # the group's only signal is to imitate the teacher (which a ranking reward alone cannot give: it

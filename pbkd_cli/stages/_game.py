@@ -19,7 +19,7 @@ from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import build_engine
 from pbkd_cli.generation import generate
 from pbkd_cli.generation.hf import Samples
-from pbkd_cli.io import PbkdError
+from pbkd_cli.io import PbkdError, read_jsonl
 from pbkd_cli.objectives.bradley_terry import within_group_accuracy
 from pbkd_cli.objectives.policy_gradient import (clipped_policy_gradient_loss, kl_penalty, sequence_logprobs,
                                                  widest_groups)
@@ -154,12 +154,25 @@ def sample_rollouts(cfg: PbkdConfig, policy_engine, tokenizer, student_prompts, 
 
 
 def teacher_answers(cfg: PbkdConfig, examples, visited: list[int]) -> dict[int, list[str]]:
-    """The teacher's answers to the prompts the game may visit, `minmax.teacher_samples_per_prompt` each,
-    sampled once up front (the teacher does not change), so that its weights are freed before the game."""
+    """The teacher's answers to the prompts the game may visit, `minmax.teacher_samples_per_prompt` each:
+    read from `minmax.teacher_answers_path`, or sampled once up front (the teacher does not change), so
+    that its weights are freed before the game."""
     c = cfg.minmax
-    texts = ResponseSampler(cfg, "teacher").sample([examples[i] for i in visited], c.teacher_samples_per_prompt,
-                                                   c.teacher_temperature)
-    return dict(zip(visited, texts))
+    if c.teacher_answers_path is None:
+        texts = ResponseSampler(cfg, "teacher").sample([examples[i] for i in visited], c.teacher_samples_per_prompt,
+                                                       c.teacher_temperature)
+        return dict(zip(visited, texts))
+    by_id: dict[str, list[str]] = {}
+    for row in read_jsonl(c.teacher_answers_path, "minmax.teacher_answers_path"):
+        by_id.setdefault(str(row.get("id")), []).append(str(row.get("response", "")))
+    answers = {}
+    for i in visited:
+        found = by_id.get(examples[i].id, [])
+        if len(found) != c.teacher_samples_per_prompt:
+            raise PbkdError(f"minmax.teacher_answers_path={c.teacher_answers_path}: {len(found)} answers for prompt "
+                            f"{examples[i].id}, minmax.teacher_samples_per_prompt={c.teacher_samples_per_prompt}")
+        answers[i] = found
+    return answers
 
 
 def widest_prompts(pool: list[int], samples: Samples, rewards: torch.Tensor, keep: int):
@@ -259,6 +272,14 @@ def sample_figures(samples, examples, prompt_index, rewards: torch.Tensor) -> di
     if order is not None:
         figures["reward/right_over_wrong"] = order
     return figures
+
+
+def positive_on_wrong(advantages: torch.Tensor, samples, examples, prompt_index) -> float:
+    """The share of the step's positive advantage that goes to wrong answers (gold-checked; a figure to
+    steer by, not used in training): what a reward's mistakes cost a filtered update."""
+    wrong = ~torch.tensor(answers_right(samples, examples, prompt_index))
+    push_up = advantages.detach().cpu().clamp_min(0)
+    return (push_up[wrong].sum() / push_up.sum().clamp_min(1e-12)).item()
 
 
 def mean_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:

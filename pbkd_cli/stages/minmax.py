@@ -32,9 +32,9 @@ from pbkd_cli.runner import Run
 from pbkd_cli.stages import mm_pbkd
 from pbkd_cli.stages._game import (HeldoutAccuracy, adversary_engine, answer_accuracy, game_preferences,
                                    game_prompts, group_size, log_iteration, mean_metrics, policy_engines,
-                                   policy_step, rollout_batch, sample_figures, sample_responses, settled,
-                                   student_samples, student_train_sequences, teacher_answers, token_logprobs,
-                                   widest_prompts)
+                                   policy_step, positive_on_wrong, rollout_batch, sample_figures,
+                                   sample_responses, settled, student_samples, student_train_sequences,
+                                   teacher_answers, token_logprobs, widest_prompts)
 from pbkd_cli.stages._shared import Minibatches, load_lm, load_rm
 from pbkd_cli.stages.train_rm import pair_batch
 
@@ -171,6 +171,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         if teacher_rows:
             figures["reward/teacher_minus_student"] = (by_group[:, own:].mean() - by_group[:, :own].mean()).item()
         figures.update({f"pg/{k}": v for k, v in mean_metrics(pg_metrics).items()})
+        figures["pg/positive_on_wrong"] = positive_on_wrong(advantages, groups, examples, prompt_index)
         if heldout.due(iteration):
             figures["heldout_accuracy"] = heldout(policy_engine.module)
         history.append(figures)

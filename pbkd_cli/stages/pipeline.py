@@ -46,6 +46,12 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     vanilla_kd = [*teacher, "sft.model=student", "sft.source=teacher"]
     vanilla = step("vanilla_kd", "sft", vanilla_kd)
     sft_student = f"model.student.name_or_path={vanilla['model_dir']}"
+    # The games compare the student with (and may imitate) the teacher's answers that vanilla KD was
+    # trained on: read them back rather than have the teacher answer again in every game.
+    c, s = cfg.minmax, cfg.sft
+    same_answers = (c.teacher_samples_per_prompt, c.teacher_temperature) == (s.teacher_samples_per_prompt,
+                                                                              s.teacher_temperature)
+    answers = [f"minmax.teacher_answers_path={run.dir / 'vanilla_kd' / 'teacher_responses.jsonl'}"] if same_answers else []
     white_box = cfg.variant == Variant.white_box
     trained = {}  # method -> summary of the run that trained it from the vanilla-KD student
     if white_box:
@@ -53,7 +59,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
             trained[loss.upper()] = step(f"kd_{loss}", "sft", [*vanilla_kd, sft_student, f"sft.kd.loss={loss}"])
     if cfg.pipeline.controls:
         trained["RL (verifiable reward)"] = step("rl_correctness", "minmax", [
-            *teacher, sft_student, "minmax.reward=correctness"])
+            *teacher, sft_student, *answers, "minmax.reward=correctness"])
 
     offline_prefs = step("offline_prefs", "collect_prefs", [*teacher, sft_student])
     backbone = {ModelRole.teacher: teacher_dir, ModelRole.student: vanilla["model_dir"]}.get(cfg.pipeline.rm_init)
@@ -63,7 +69,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     # The Q-function's implied reward reads the teacher's probabilities: it needs the trained teacher.
     rm = step(fit, "train_rm", [*teacher, f"train_rm.prefs_path={offline_prefs['prefs_path']}",
                                 *([f"model.rm.name_or_path={backbone}"] if backbone else [])])
-    game = [*teacher, sft_student, f"model.rm.name_or_path={rm['model_dir']}",
+    game = [*teacher, sft_student, *answers, f"model.rm.name_or_path={rm['model_dir']}",
             f"minmax.prefs_path={offline_prefs['prefs_path']}"]
     pbkd = "MM PbKD" if white_box else "PbKD"
     if cfg.pipeline.controls and not white_box:
@@ -71,7 +77,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         trained["GAD"] = step("gad", "minmax", [*game, "minmax.beta=0"])
     trained[f"{pbkd} offline"] = step("pbkd_offline", "minmax", game)
     trained[f"{pbkd} online"] = step("pbkd_online", "online", [
-        *teacher, sft_student, f"model.rm.name_or_path={rm['model_dir']}",
+        *teacher, sft_student, *answers, f"model.rm.name_or_path={rm['model_dir']}",
         f"online.initial_prefs_path={offline_prefs['prefs_path']}",
         # Online rounds ask fresh prompts, after the ones the offline pairs used.
         f"collect_prefs.prompt_offset={offline_prefs['prompts']}"])

@@ -124,6 +124,11 @@ def test_pipeline_prints_and_saves_the_table(workdir):
     matched = summary(run_dir / "vanilla_kd_plus_32")
     assert matched["train_sequences"] == 32 and matched["steps"] == 32 // 4
     assert summary(run_dir / "rl_correctness")["reward"] == "correctness"
+    # The games read the teacher's answers vanilla KD was trained on instead of sampling the teacher again.
+    from omegaconf import OmegaConf
+    for game in ("rl_correctness", "gad", "pbkd_offline", "pbkd_online/iter1/minmax"):
+        played = OmegaConf.load(run_dir / game / "config.yaml")
+        assert played.minmax.teacher_answers_path == str(run_dir / "vanilla_kd" / "teacher_responses.jsonl"), game
     assert "| vanilla KD |" in result.stdout and (run_dir / "comparison.md").exists()
     # A rerun resumes: every step is already done, and the table is the same.
     again = ok(pbkd(*args, cwd=workdir))

@@ -200,3 +200,30 @@ def test_where_every_own_sample_is_wrong_the_step_imitates_the_teachers_answer_i
     imitated, silent = teacher_logprob_gain(True), teacher_logprob_gain(False)
     assert imitated > 2.0
     assert abs(silent) < 0.1
+
+
+def test_teacher_answers_are_read_by_prompt_id_and_a_missing_one_is_one_line(tmp_path):
+    from pbkd_cli.io import write_jsonl
+    from pbkd_cli.stages._game import teacher_answers
+
+    cfg = game_config()
+    examples = load_examples(cfg.data, "train")[:3]
+    path = tmp_path / "teacher_responses.jsonl"
+    write_jsonl(path, [{"id": ex.id, "question": ex.question, "response": f"answer {n}"}
+                       for n, ex in reversed(list(enumerate(examples[:2])))])
+    cfg.minmax.teacher_answers_path = str(path)
+    assert teacher_answers(cfg, examples, [1, 0]) == {1: ["answer 1"], 0: ["answer 0"]}
+    with pytest.raises(PbkdError, match=rf"^minmax.teacher_answers_path=.*: 0 answers for prompt {examples[2].id}"):
+        teacher_answers(cfg, examples, [0, 2])
+
+
+def test_positive_on_wrong_is_the_share_of_push_up_that_goes_to_wrong_answers():
+    from pbkd_cli.data.examples import Example
+    from pbkd_cli.generation.hf import Samples
+    from pbkd_cli.stages._game import positive_on_wrong
+
+    examples = [Example(id="a", question="q", solution="", answer="3")]
+    samples = Samples(prompt_ids=[[1]] * 4, response_ids=[[1]] * 4, finished=[True] * 4, num_samples=4,
+                      texts=["1 + 2 = 3. #### 3", "#### 4", "#### 5", "#### 3"])
+    advantages = torch.tensor([1.0, 3.0, -2.0, 0.0])  # wrong answers get 3 of the 4 pushed up
+    assert positive_on_wrong(advantages, samples, examples, [0, 0, 0, 0]) == pytest.approx(0.75)
