@@ -316,8 +316,10 @@ class CollectPrefsConfig:
 
 
 class RewardPooling(str, Enum):
-    last = "last"  # the value head at the last token (any sequence classifier)
-    mean = "mean"  # the mean of the value head over the response tokens
+    last = "last"  # the value head at the last token: what transformers, TRL and vLLM read
+    # The mean of the value head over the response tokens: pbkd's `score` only. Any other tool reads the
+    # saved sequence classifier at the last token, so outside pbkd its rewards (and rankings) differ.
+    mean = "mean"
     likelihood = "likelihood"  # the mean log-probability of the response tokens under the RM's own LM head
 
 
@@ -326,8 +328,9 @@ class TrainRMConfig:
     """Bradley-Terry MLE of the reward model `model.rm` on a preference file."""
 
     prefs_path: Optional[str] = None
-    # How a fresh value head turns per-token outputs into a reward (kept in the saved RM's config).
-    pooling: RewardPooling = RewardPooling.mean
+    # How a fresh value head turns per-token outputs into a reward (kept in the saved RM's config). `last`
+    # by default: the saved RM then scores the same in pbkd as in every tool that loads it.
+    pooling: RewardPooling = RewardPooling.last
     # Pairs held out (seeded) to report pairwise accuracy; the paper's bar is > 90% before min-max.
     heldout_fraction: float = 0.1
 
