@@ -6,6 +6,7 @@ when the model's config sets `trust_remote_code: true`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,9 @@ from pbkd_cli.io import PbkdError
 log = logging.getLogger("pbkd")
 
 PAD, EOS = "<pad>", "</s>"
+# What reading a GGUF file takes beyond pbkd's own dependencies (the `gguf` extra): transformers parses
+# the file with `gguf` and, for the model, will not start without `accelerate`.
+GGUF_PACKAGES = ("gguf", "accelerate")
 
 
 def build_bpe_tokenizer(texts: list[str], vocab_size: int):
@@ -43,6 +47,17 @@ def _check_local(name_or_path: str, key: str) -> None:
                         f"(a GGUF file goes in {key}.gguf_file, its directory in name_or_path)")
 
 
+def require_gguf_packages(cfg: ModelConfig, key: str) -> None:
+    """A GGUF model without its packages stops here in one line naming the extra, rather than in
+    transformers (a traceback from the tokenizer, or a ValueError halfway through loading the model)."""
+    for package in GGUF_PACKAGES:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise PbkdError(f"{key}.gguf_file={cfg.gguf_file}: reading GGUF needs the '{package}' package: "
+                            f"pip install 'pbkd-cli[gguf]'") from None
+
+
 def load_tokenizer(cfg: ModelConfig, key: str, tokenizer_cfg: TokenizerConfig,
                    corpus: Callable[[], list[str]]):
     """The model's own tokenizer, or for a from-scratch model one trained on the task's `corpus`."""
@@ -52,6 +67,8 @@ def load_tokenizer(cfg: ModelConfig, key: str, tokenizer_cfg: TokenizerConfig,
         from transformers import AutoTokenizer
 
         _check_local(cfg.name_or_path, key)
+        if cfg.gguf_file:
+            require_gguf_packages(cfg, key)
         try:
             tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision,
                                                       gguf_file=cfg.gguf_file,
@@ -89,12 +106,13 @@ def _tiny_llama_config(cfg: ModelConfig, tokenizer, key: str):
     )
 
 
-def _pretrained_kwargs(cfg: ModelConfig) -> dict:
+def _pretrained_kwargs(cfg: ModelConfig, key: str) -> dict:
     kwargs = dict(revision=cfg.revision, dtype=getattr(torch, cfg.dtype.value),
                   trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.gguf_file:
+        require_gguf_packages(cfg, key)
         kwargs["gguf_file"] = cfg.gguf_file
     else:
         kwargs["use_safetensors"] = True
@@ -110,7 +128,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, key: str):
     else:
         _check_local(cfg.name_or_path, key)
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **_pretrained_kwargs(cfg))
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **_pretrained_kwargs(cfg, key))
         except (OSError, ValueError) as exc:
             raise PbkdError(f"{key}.name_or_path={cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
     if model.config.pad_token_id is None:

@@ -55,7 +55,7 @@ def load_reward_model(cfg: ModelConfig, tokenizer, pooling: RewardPooling, key: 
     else:
         auto, head = (AutoModelForCausalLM, {}) if generative else (AutoModelForSequenceClassification, {"num_labels": 1})
         try:
-            model = auto.from_pretrained(cfg.name_or_path, **head, **_pretrained_kwargs(cfg))
+            model = auto.from_pretrained(cfg.name_or_path, **head, **_pretrained_kwargs(cfg, key))
         except (OSError, ValueError) as exc:
             raise PbkdError(f"{key}.name_or_path={cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
     model.config.reward_pooling = pooling.value
