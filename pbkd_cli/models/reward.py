@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from pbkd_cli.config.schema import ModelConfig, RewardPooling
-from pbkd_cli.io import PbkdError
-from pbkd_cli.models.factory import _check_local, _pretrained_kwargs, _tiny_llama_config
+from pbkd_cli.models.factory import _check_local, _tiny_llama_config, from_pretrained
 from pbkd_cli.objectives.policy_gradient import sequence_logprobs
 
 
@@ -54,10 +53,7 @@ def load_reward_model(cfg: ModelConfig, tokenizer, pooling: RewardPooling, key: 
         model = (LlamaForCausalLM if generative else LlamaForSequenceClassification)(config)
     else:
         auto, head = (AutoModelForCausalLM, {}) if generative else (AutoModelForSequenceClassification, {"num_labels": 1})
-        try:
-            model = auto.from_pretrained(cfg.name_or_path, **head, **_pretrained_kwargs(cfg, key))
-        except (OSError, ValueError) as exc:
-            raise PbkdError(f"{key}.name_or_path={cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
+        model = from_pretrained(auto, cfg, key, **head)
     model.config.reward_pooling = pooling.value
     # Sequence classifiers find the last real token through pad_token_id.
     model.config.pad_token_id = tokenizer.pad_token_id
