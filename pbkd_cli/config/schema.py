@@ -109,7 +109,8 @@ class OverlongPrompts(str, Enum):
 @dataclass
 class DataConfig:
     task: TaskName = TaskName.arithmetic
-    # gsm8k: a local JSONL per split (hub format: question/answer) overrides the hub data set.
+    # gsm8k: a local JSONL per split (hub format: question/answer) overrides the hub data set (set with
+    # another task, which would ignore it: a one-line error).
     train_path: Optional[str] = None
     test_path: Optional[str] = None
     hub_id: str = "openai/gsm8k"
@@ -504,6 +505,18 @@ RANGES: Dict[str, tuple] = {
     "train_rm.heldout_fraction": (0, 1, True, False),
     "generation.top_p": (0, 1, False, True),
 }
+
+
+def contradiction(cfg: "PbkdConfig") -> str | None:
+    """The first `key=value: why` of `cfg` that another setting makes meaningless, or None: a value the
+    run would silently ignore is a mistake to hear about before any job starts."""
+    data = cfg.data
+    for key in ("train_path", "test_path"):
+        value = getattr(data, key)
+        if value is not None and data.task != TaskName.gsm8k:
+            return (f"data.{key}={value}: only data.task=gsm8k reads a local file "
+                    f"(data.task={data.task.value} generates its examples; set data=gsm8k)")
+    return None
 
 
 def out_of_range(cfg: "PbkdConfig") -> str | None:
