@@ -109,7 +109,8 @@ class OverlongPrompts(str, Enum):
 @dataclass
 class DataConfig:
     task: TaskName = TaskName.arithmetic
-    # gsm8k: a local JSONL per split (hub format: question/answer) overrides the hub data set.
+    # gsm8k: a local JSONL per split (hub format: question/answer) overrides the hub data set (set with
+    # another task, which would ignore it: a one-line error).
     train_path: Optional[str] = None
     test_path: Optional[str] = None
     hub_id: str = "openai/gsm8k"
@@ -316,8 +317,10 @@ class CollectPrefsConfig:
 
 
 class RewardPooling(str, Enum):
-    last = "last"  # the value head at the last token (any sequence classifier)
-    mean = "mean"  # the mean of the value head over the response tokens
+    last = "last"  # the value head at the last token: what transformers, TRL and vLLM read
+    # The mean of the value head over the response tokens: pbkd's `score` only. Any other tool reads the
+    # saved sequence classifier at the last token, so outside pbkd its rewards (and rankings) differ.
+    mean = "mean"
     likelihood = "likelihood"  # the mean log-probability of the response tokens under the RM's own LM head
 
 
@@ -326,8 +329,9 @@ class TrainRMConfig:
     """Bradley-Terry MLE of the reward model `model.rm` on a preference file."""
 
     prefs_path: Optional[str] = None
-    # How a fresh value head turns per-token outputs into a reward (kept in the saved RM's config).
-    pooling: RewardPooling = RewardPooling.mean
+    # How a fresh value head turns per-token outputs into a reward (kept in the saved RM's config). `last`
+    # by default: the saved RM then scores the same in pbkd as in every tool that loads it.
+    pooling: RewardPooling = RewardPooling.last
     # Pairs held out (seeded) to report pairwise accuracy; the paper's bar is > 90% before min-max.
     heldout_fraction: float = 0.1
 
@@ -505,6 +509,18 @@ RANGES: Dict[str, tuple] = {
     "train_rm.heldout_fraction": (0, 1, True, False),
     "generation.top_p": (0, 1, False, True),
 }
+
+
+def contradiction(cfg: "PbkdConfig") -> str | None:
+    """The first `key=value: why` of `cfg` that another setting makes meaningless, or None: a value the
+    run would silently ignore is a mistake to hear about before any job starts."""
+    data = cfg.data
+    for key in ("train_path", "test_path"):
+        value = getattr(data, key)
+        if value is not None and data.task != TaskName.gsm8k:
+            return (f"data.{key}={value}: only data.task=gsm8k reads a local file "
+                    f"(data.task={data.task.value} generates its examples; set data=gsm8k)")
+    return None
 
 
 def out_of_range(cfg: "PbkdConfig") -> str | None:

@@ -89,7 +89,8 @@ def load_benchmark(cfg: BenchmarkConfig, key: str) -> list:
         from pbkd_cli.data.gsm8k import load_gsm8k
 
         return load_gsm8k(cfg.split, path=cfg.path, hub_id=cfg.hub_id or "openai/gsm8k",
-                          hub_config=cfg.hub_config or "main", limit=cfg.limit)
+                          hub_config=cfg.hub_config or "main", limit=cfg.limit, path_key=f"{key}.path",
+                          hub_key=f"{key}.hub_id")
     rows = _rows(cfg, key)[: cfg.limit]
     build = _choice_item if cfg.kind == BenchmarkKind.multiple_choice else _instruction_item
     items = [build(row, where, index) for index, (where, row) in enumerate(rows)]

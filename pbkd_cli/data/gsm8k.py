@@ -105,10 +105,10 @@ def _example(row: dict, where: str, example_id: str, strip_annotations: bool) ->
     return Example(id=example_id, question=row["question"].strip(), solution=solution, answer=answer)
 
 
-def _local_rows(path: Path, limit: int | None) -> list[tuple[str, dict]]:
-    """The first `limit` JSON objects of a JSONL file, each with the line it came from."""
+def _local_rows(path: Path, limit: int | None, key: str) -> list[tuple[str, dict]]:
+    """The first `limit` JSON objects of the JSONL file `key` names, each with the line it came from."""
     if not path.is_file():
-        raise DataError(f"data.path={path}: no such file")
+        raise DataError(f"{key}={path}: no such file")
     rows = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -116,7 +116,7 @@ def _local_rows(path: Path, limit: int | None) -> list[tuple[str, dict]]:
                 break
             if not line.strip():
                 continue
-            where = f"data.path={path} line {number}"
+            where = f"{key}={path} line {number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -125,23 +125,37 @@ def _local_rows(path: Path, limit: int | None) -> list[tuple[str, dict]]:
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             rows.append((where, row))
     if not rows and limit != 0:
-        raise DataError(f"data.path={path}: empty file, no examples")
+        raise DataError(f"{key}={path}: empty file, no examples")
     return rows
 
 
-def _hub_rows(hub_id: str, hub_config: str, split: str, limit: int | None) -> Iterable[tuple[str, dict]]:
+class HubUnavailable(DataError):
+    """The hub's split cannot be read: offline, unreachable, or no such data set there."""
+
+
+def _hub_rows(hub_id: str, hub_config: str, split: str, limit: int | None, hub_key: str,
+              path_key: str) -> Iterable[tuple[str, dict]]:
     from datasets import load_dataset  # heavy import, only for runs that read the hub
 
-    dataset = load_dataset(hub_id, hub_config, split=split)
+    try:
+        dataset = load_dataset(hub_id, hub_config, split=split)
+    except OSError as exc:  # ConnectionError offline or unreachable, FileNotFoundError for a missing data set
+        raise HubUnavailable(f"{hub_key}={hub_id}: its {split} split cannot be read "
+                             f"({str(exc).splitlines()[0][:200]}); set {path_key} to a local JSONL") from None
     return ((f"{hub_id}[{split}] row {index}", row) for index, row in enumerate(islice(dataset, limit)))
 
 
 def load_gsm8k(split: str, path: str | None = None, hub_id: str = "openai/gsm8k", hub_config: str = "main",
-               limit: int | None = None, strip_annotations: bool = True) -> list[Example]:
+               limit: int | None = None, strip_annotations: bool = True, path_key: str = "data.path",
+               hub_key: str = "data.hub_id") -> list[Example]:
     """GSM8K `split` ("train" or "test") from the local JSONL `path` when given, else from the hub.
 
-    Bad data raises DataError (a ValueError) naming the file and line.
+    Bad data raises DataError (a ValueError) naming the config key (`path_key`), file and line; a hub
+    that cannot be read raises HubUnavailable (a DataError) naming `hub_key`.
     """
-    rows = _local_rows(Path(path), limit) if path is not None else _hub_rows(hub_id, hub_config, split, limit)
+    if path is not None:
+        rows = _local_rows(Path(path), limit, path_key)
+    else:
+        rows = _hub_rows(hub_id, hub_config, split, limit, hub_key, path_key)
     return [_example(row, where, f"gsm8k-{split}-{index}", strip_annotations)
             for index, (where, row) in enumerate(rows)]

@@ -26,8 +26,9 @@ def load_examples(cfg: DataConfig, split: str) -> list[Example]:
     else:
         from pbkd_cli.data.gsm8k import load_gsm8k
 
-        path = cfg.train_path if split == "train" else cfg.test_path
-        examples = load_gsm8k(split, path=path, hub_id=cfg.hub_id, hub_config=cfg.hub_config)
+        path_key = "train_path" if split == "train" else "test_path"
+        examples = load_gsm8k(split, path=getattr(cfg, path_key), hub_id=cfg.hub_id, hub_config=cfg.hub_config,
+                              path_key=f"data.{path_key}")
     return examples[:limit] if limit is not None else examples
 
 

@@ -90,12 +90,27 @@ def lr_multiplier(step: int, schedule: str, warmup: int, total: int) -> float:
     raise ValueError(f"unknown lr schedule {schedule!r}")
 
 
+def require_saveable(model: torch.nn.Module) -> None:
+    """Refuse, before the first step, a model that `save_model` would refuse after the last one: one
+    whose transformers quantizer cannot be serialised (a quantized hub checkpoint; a GGUF load that
+    `models.factory.unquantized` could not make plain is refused at load already)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    serializable = quantizer.is_serializable  # a method in transformers 5, a property in some 4.x quantizers
+    if not (serializable() if callable(serializable) else serializable):
+        method = quantizer.quantization_config.quant_method
+        raise PbkdError(f"{model.config.name_or_path}: quantized with {getattr(method, 'value', method)}, which "
+                        f"transformers cannot save after training; train an unquantized (safetensors) checkpoint")
+
+
 def build_engine(model: torch.nn.Module, trainer: TrainerConfig, ds: dict[str, Any]):
     """Wrap `model` in a DeepSpeed engine with AdamW and the schedule of `trainer`.
 
     The engine's `backward` scales for gradient accumulation and its `step` only updates on
     accumulation boundaries, so loops call both once per micro-batch.
     """
+    require_saveable(model)
     config = deepspeed_config(ds, trainer)
     deepspeed = _deepspeed()
     if trainer.gradient_checkpointing:

@@ -6,6 +6,7 @@ when the model's config sets `trust_remote_code: true`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,9 @@ from pbkd_cli.io import PbkdError
 log = logging.getLogger("pbkd")
 
 PAD, EOS = "<pad>", "</s>"
+# What reading a GGUF file takes beyond pbkd's own dependencies (the `gguf` extra): transformers parses
+# the file with `gguf` and, for the model, will not start without `accelerate`.
+GGUF_PACKAGES = ("gguf", "accelerate")
 
 
 def build_bpe_tokenizer(texts: list[str], vocab_size: int):
@@ -43,6 +47,17 @@ def _check_local(name_or_path: str, key: str) -> None:
                         f"(a GGUF file goes in {key}.gguf_file, its directory in name_or_path)")
 
 
+def require_gguf_packages(cfg: ModelConfig, key: str) -> None:
+    """A GGUF model without its packages stops here in one line naming the extra, rather than in
+    transformers (a traceback from the tokenizer, or a ValueError halfway through loading the model)."""
+    for package in GGUF_PACKAGES:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise PbkdError(f"{key}.gguf_file={cfg.gguf_file}: reading GGUF needs the '{package}' package: "
+                            f"pip install 'pbkd-cli[gguf]'") from None
+
+
 def load_tokenizer(cfg: ModelConfig, key: str, tokenizer_cfg: TokenizerConfig,
                    corpus: Callable[[], list[str]]):
     """The model's own tokenizer, or for a from-scratch model one trained on the task's `corpus`."""
@@ -52,6 +67,8 @@ def load_tokenizer(cfg: ModelConfig, key: str, tokenizer_cfg: TokenizerConfig,
         from transformers import AutoTokenizer
 
         _check_local(cfg.name_or_path, key)
+        if cfg.gguf_file:
+            require_gguf_packages(cfg, key)
         try:
             tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision,
                                                       gguf_file=cfg.gguf_file,
@@ -89,16 +106,64 @@ def _tiny_llama_config(cfg: ModelConfig, tokenizer, key: str):
     )
 
 
-def _pretrained_kwargs(cfg: ModelConfig) -> dict:
+def _dequantizing_gguf() -> dict:
+    """Ask transformers to unpack GGUF blocks into plain tensors at load: pbkd trains and saves dense
+    weights, and blocks that stay packed (where a GGUF matmul kernel is installed) are frozen uint8."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers 4 always unpacks GGUF and attaches no quantizer
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _pretrained_kwargs(cfg: ModelConfig, key: str) -> dict:
     kwargs = dict(revision=cfg.revision, dtype=getattr(torch, cfg.dtype.value),
                   trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.gguf_file:
-        kwargs["gguf_file"] = cfg.gguf_file
+        require_gguf_packages(cfg, key)
+        kwargs.update(gguf_file=cfg.gguf_file, **_dequantizing_gguf())
     else:
         kwargs["use_safetensors"] = True
     return kwargs
+
+
+def unquantized(model, cfg: ModelConfig, key: str):
+    """A model loaded from `cfg.gguf_file` made an ordinary one, which `save_pretrained` writes as safetensors.
+
+    transformers 5 attaches a GGUF quantizer to every model it reads from GGUF. Unless asked to
+    dequantize (as `_pretrained_kwargs` does), its legacy loader (Llama, Qwen2 and most architectures)
+    unpacks the weights into plain tensors and leaves that quantizer attached, and `save_pretrained` then
+    refuses the model ("quantized with gguf and is not serializable") after all of the training. A
+    quantizer still attached here (a version that ignores the request) is dropped as transformers drops
+    it after a dequantizing load (`HfQuantizer.remove_quantization_config`). Weights still in blocks can
+    be neither trained nor saved: refused here, at load, before any training.
+    """
+    from transformers import PreTrainedModel
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    packed = next((name for name, p in model.named_parameters() if not p.is_floating_point()), None)
+    if packed is not None:
+        raise PbkdError(f"{key}.gguf_file={cfg.gguf_file}: {packed} stayed packed in GGUF blocks, which cannot be "
+                        f"trained or saved (convert the file to safetensors and load that)")
+    quantizer.remove_quantization_config(model)
+    for module in model.modules():  # flags it set on every sub-model's config (attention picks dtypes by it)
+        if isinstance(module, PreTrainedModel) and hasattr(module.config, "_is_quantized"):
+            del module.config._is_quantized
+    return model
+
+
+def from_pretrained(auto, cfg: ModelConfig, key: str, **head):
+    """`auto.from_pretrained(cfg.name_or_path)` (an Auto class), a plain model even from a GGUF file; a
+    failure is one line naming the key."""
+    try:
+        model = auto.from_pretrained(cfg.name_or_path, **head, **_pretrained_kwargs(cfg, key))
+    except (OSError, ValueError) as exc:
+        raise PbkdError(f"{key}.name_or_path={cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
+    return unquantized(model, cfg, key) if cfg.gguf_file else model
 
 
 def load_causal_lm(cfg: ModelConfig, tokenizer, key: str):
@@ -109,10 +174,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, key: str):
         model = LlamaForCausalLM(_tiny_llama_config(cfg, tokenizer, key))
     else:
         _check_local(cfg.name_or_path, key)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **_pretrained_kwargs(cfg))
-        except (OSError, ValueError) as exc:
-            raise PbkdError(f"{key}.name_or_path={cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
+        model = from_pretrained(AutoModelForCausalLM, cfg, key)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

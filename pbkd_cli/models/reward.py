@@ -2,16 +2,19 @@
 likelihood is the reward.
 
 How a reward is read off the model is part of the artefact (`config.reward_pooling`):
-  - `last`: the value head at the last real token, as every sequence classifier does;
+  - `last` (the default): the value head at the last real token, as every sequence classifier does, so
+    transformers, TRL and vLLM score the saved RM exactly as pbkd does;
   - `mean`: the mean of the value head over the response tokens. A flaw anywhere in a response (a wrong
     sum in step 2 of 3) is then visible where it happens instead of having to reach the last token
-    through attention, which small RMs learn far faster.
+    through attention, which small RMs learn far faster. Opt-in, because only pbkd reads it so: any
+    other tool loads the checkpoint as a sequence classifier and reads the last token alone, which the
+    fit of the mean never pinned down, so its scores there, and even its rankings, differ from pbkd's.
   - `likelihood`: the mean log-probability the model's own LM head gives the response tokens (a
     generative RM, SimPO's length-normalised implicit reward without a reference model). It starts as
     a verifier of what its backbone can do: a student's LM head puts a wrong sum below the right one,
     where a fresh value head starts at noise. The Bradley-Terry fit then moves that likelihood.
 `last` and `mean` save as an `AutoModelForSequenceClassification` checkpoint (`num_labels=1`),
-`likelihood` as an `AutoModelForCausalLM`; transformers, TRL or any other tool reads either back.
+`likelihood` as an `AutoModelForCausalLM`; transformers, TRL or any other tool loads either back.
 """
 
 from __future__ import annotations
@@ -22,8 +25,7 @@ from pathlib import Path
 import torch
 
 from pbkd_cli.config.schema import ModelConfig, RewardPooling
-from pbkd_cli.io import PbkdError
-from pbkd_cli.models.factory import _check_local, _pretrained_kwargs, _tiny_llama_config
+from pbkd_cli.models.factory import _check_local, _tiny_llama_config, from_pretrained
 from pbkd_cli.objectives.policy_gradient import sequence_logprobs
 
 
@@ -51,10 +53,7 @@ def load_reward_model(cfg: ModelConfig, tokenizer, pooling: RewardPooling, key: 
         model = (LlamaForCausalLM if generative else LlamaForSequenceClassification)(config)
     else:
         auto, head = (AutoModelForCausalLM, {}) if generative else (AutoModelForSequenceClassification, {"num_labels": 1})
-        try:
-            model = auto.from_pretrained(cfg.name_or_path, **head, **_pretrained_kwargs(cfg))
-        except (OSError, ValueError) as exc:
-            raise PbkdError(f"{key}.name_or_path={cfg.name_or_path}: {str(exc).splitlines()[0]}") from None
+        model = from_pretrained(auto, cfg, key, **head)
     model.config.reward_pooling = pooling.value
     # Sequence classifiers find the last real token through pad_token_id.
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -11,12 +11,14 @@ responses sampled from the current student (GKD's on-policy mix).
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 
 import torch
 
 from pbkd_cli.config.schema import Divergence, KDConfig, PbkdConfig, ResponseSource
+from pbkd_cli.data.gsm8k import HubUnavailable
 from pbkd_cli.data.prompts import collate, encode_prompts, encode_responses, fit_to_context, gold_response
 from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import build_engine, save_model
@@ -27,6 +29,8 @@ from pbkd_cli.objectives.language_modeling import response_nll_loss
 from pbkd_cli.runner import Run
 from pbkd_cli.stages._shared import Minibatches, ResponseSampler, load_lm
 from pbkd_cli.stages._white_box import load_teacher, next_token_logits
+
+log = logging.getLogger("pbkd")
 
 
 def teacher_responses(cfg: PbkdConfig, run: Run, examples, sampler: ResponseSampler) -> tuple[list, list[str]]:
@@ -56,6 +60,23 @@ def student_responses(engine, tokenizer, prompts, cfg: PbkdConfig) -> list[list[
     return samples.response_ids
 
 
+def load_test_split(cfg: PbkdConfig) -> list:
+    """The test split of the end-of-training figure (`test_gold_nll`), read before training so that its
+    absence costs no run.
+
+    With no `data.test_path` and a hub that cannot be read (a local `data.train_path` offline), the
+    figure is left out with a note instead of failing: the trained model is what the stage is for and
+    the figure only a diagnostic (`pbkd eval` measures the model), so refusing to train for want of it,
+    or dying after training, would serve no one. A `data.test_path` that is set but bad still fails, in
+    one line, before training.
+    """
+    try:
+        return load_examples(cfg.data, "test")
+    except HubUnavailable as exc:
+        log.warning("sft: no test split, so no test_gold_nll in the summary: %s", exc)
+        return []
+
+
 @torch.no_grad()
 def mean_response_nll(model, prompts, responses, pad_id, batch_size, device) -> float:
     total, tokens = 0.0, 0
@@ -80,6 +101,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     if not examples:
         raise PbkdError("data: the train split is empty")
     examples, overlong = fit_to_context(examples, examples, cfg.data, tokenizer, "sft train")
+    test = load_test_split(cfg)
     teacher = load_teacher(cfg, tokenizer) if kd.loss is not None else None
     if cfg.sft.source == ResponseSource.teacher:
         if role == "teacher":
@@ -139,7 +161,6 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
                                              "window": window, "last_loss": last_loss})
 
     save_model(engine, tokenizer, run.dir / "model")
-    test = load_examples(cfg.data, "test")
     test_nll = mean_response_nll(
         engine.module, encode_prompts(test, cfg.data, tokenizer),
         encode_responses([gold_response(ex) for ex in test], cfg.data, tokenizer),

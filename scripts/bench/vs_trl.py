@@ -549,7 +549,7 @@ def main() -> None:
     parser.add_argument("--kd-loss", choices=["jsd", "fkl"], default="jsd",
                         help="our divergence; TRL's GKD gets beta=jsd_beta (jsd) or 0 (fkl)")
     parser.add_argument("--rm-pooling", choices=[p.value for p in RewardPooling], default="last",
-                        help="our RM's pooling: last (what TRL's sequence classifier does) or mean (pbkd's default)")
+                        help="our RM's pooling: last (pbkd's default, as TRL's classifier reads) or mean (opt-in)")
     opts = parser.parse_args()
     if opts.steps < 1 or opts.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")

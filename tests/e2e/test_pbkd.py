@@ -67,7 +67,8 @@ def test_train_rm_reports_heldout_accuracy_and_saves_a_sequence_classifier(rewar
     from transformers import AutoModelForSequenceClassification
 
     rm = AutoModelForSequenceClassification.from_pretrained(reward_model / "model")
-    assert rm.config.num_labels == 1
+    # Read at the last token by default: the pooling transformers itself applies to this checkpoint.
+    assert rm.config.num_labels == 1 and rm.config.reward_pooling == "last"
 
 
 def test_train_rm_with_likelihood_pooling_saves_a_causal_lm_that_ranks_the_pairs(workdir, trained_teacher, prefs):

@@ -198,6 +198,41 @@ def test_empty_train_split_is_one_line(workdir):
     assert result.returncode == 2 and last_line(result) == "error: data: the train split is empty"
 
 
+def gsm8k_jsonl(path: Path, rows: int, offset: int = 0) -> Path:
+    """`rows` word problems in the GSM8K format: a question, and a worked answer ending in `#### n`."""
+    pairs = [(i % 9 + 1, i // 9 + 2) for i in range(offset, offset + rows)]
+    path.write_text("".join(json.dumps({
+        "question": f"Mia has {a} apples and buys {b} more. How many apples does she have?",
+        "answer": f"Mia has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}) + "\n" for a, b in pairs))
+    return path
+
+
+# Local GSM8K files on the tiny models; a hub id no cache can hold, so the hub is never there.
+LOCAL_GSM8K = ["data=gsm8k", "data.use_chat_template=false", "data.max_prompt_tokens=128",
+               "data.hub_id=pbkd-tests/no-such-data-set"]
+
+
+def test_sft_on_a_local_train_file_alone_trains_saves_and_leaves_out_the_test_figure(workdir, tmp_path):
+    train = gsm8k_jsonl(tmp_path / "train.jsonl", 32)
+    alone = tmp_path / "sft_train_only"
+    result = ok(pbkd("sft", *TINY, *LOCAL_GSM8K, f"data.train_path={train}", f"hydra.run.dir={alone}", cwd=workdir))
+    assert summary(alone)["test_gold_nll"] is None and (alone / "model" / "model.safetensors").is_file()
+    assert "no test split, so no test_gold_nll in the summary: data.hub_id=pbkd-tests/no-such-data-set" in (
+        result.stdout + result.stderr)
+    with_test = tmp_path / "sft_with_test"
+    ok(pbkd("sft", *TINY, *LOCAL_GSM8K, f"data.train_path={train}",
+            f"data.test_path={gsm8k_jsonl(tmp_path / 'test.jsonl', 8, offset=32)}", f"hydra.run.dir={with_test}",
+            cwd=workdir))
+    assert summary(with_test)["test_gold_nll"] > 0
+    # A test file that is set but missing stops the run before any training.
+    missing = tmp_path / "sft_missing_test"
+    result = pbkd("sft", *TINY, *LOCAL_GSM8K, f"data.train_path={train}",
+                  f"data.test_path={tmp_path / 'nope.jsonl'}", f"hydra.run.dir={missing}", cwd=workdir)
+    assert result.returncode == 2
+    assert last_line(result) == f"error: data.test_path={tmp_path / 'nope.jsonl'}: no such file"
+    assert not (missing / "model").exists() and (missing / "metrics.jsonl").read_text() == ""
+
+
 def test_overlong_prompts_are_dropped_or_truncated_and_counted(workdir):
     # The arithmetic prompts run from about 60 to 85 tokens with this tokenizer.
     dropped = workdir / "sft_drop"

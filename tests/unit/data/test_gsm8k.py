@@ -135,3 +135,23 @@ def test_real_gsm8k_solutions_mostly_hold():
 
     examples = load_gsm8k("train", path=str(REAL_TRAIN), limit=300)
     assert sum(equations_hold(ex.solution) for ex in examples) / len(examples) > 0.95
+
+
+def test_a_hub_split_that_cannot_be_read_is_one_line_naming_the_local_key(monkeypatch):
+    import datasets
+
+    from pbkd_cli.config.schema import DataConfig, TaskName
+    from pbkd_cli.data.gsm8k import HubUnavailable
+    from pbkd_cli.data.tasks import load_examples
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(HubUnavailable) as err:
+        load_examples(DataConfig(task=TaskName.gsm8k, train_path="/data/train.jsonl"), "test")
+    assert str(err.value) == ("data.hub_id=openai/gsm8k: its test split cannot be read (Couldn't reach "
+                              "'openai/gsm8k' on the Hub (OfflineModeIsEnabled)); set data.test_path to a local JSONL")
+    assert isinstance(err.value, DataError)
+    with pytest.raises(DataError, match=r"^data.train_path=/data/train.jsonl: no such file$"):
+        load_examples(DataConfig(task=TaskName.gsm8k, train_path="/data/train.jsonl"), "train")

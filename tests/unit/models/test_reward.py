@@ -1,7 +1,9 @@
 import torch
 
-from pbkd_cli.config.schema import ModelConfig, RewardPooling, TinyLlamaConfig
+from pbkd_cli.config.compose import compose, to_typed
+from pbkd_cli.config.schema import ModelConfig, RewardPooling, TinyLlamaConfig, TrainRMConfig
 from pbkd_cli.data.prompts import collate
+from pbkd_cli.engine import save_model
 from pbkd_cli.models import build_bpe_tokenizer
 from pbkd_cli.models.reward import load_reward_model, score
 
@@ -61,3 +63,31 @@ def test_a_backbone_checkpoint_takes_the_configured_pooling(tmp_path):
     lm.save_pretrained(tmp_path)
     rm = load_reward_model(ModelConfig(name_or_path=str(tmp_path)), tokenizer, RewardPooling.mean)
     assert rm.config.reward_pooling == "mean" and hasattr(rm, "score")
+
+
+def test_the_default_pooling_is_the_one_other_tools_read():
+    assert TrainRMConfig().pooling is RewardPooling.last
+    assert to_typed(compose(["stage=train_rm"])).train_rm.pooling is RewardPooling.last
+
+
+def plain_transformers_scores(model_dir, batch) -> torch.Tensor:
+    """The RM's rewards as transformers (and TRL, vLLM) read a saved sequence classifier, no pbkd code."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1)
+
+
+def test_a_saved_last_rm_scores_the_same_outside_pbkd_and_a_mean_rm_does_not(tmp_path):
+    # Rows of three lengths, right-padded as pbkd batches them.
+    batch = collate([[5, 6, 7], [8], [12, 13]], [[9, 10, 1], [11, 1], [1]], 0)
+    assert batch.attention_mask[:, -1].tolist() == [1, 0, 0] and batch.input_ids[1, -1] == 0
+    for pooling, same in ((TrainRMConfig().pooling, True), (RewardPooling.mean, False)):
+        tokenizer, rm = tiny_rm(pooling)
+        assert tokenizer.pad_token_id == 0
+        save_model(rm, tokenizer, tmp_path / pooling.value)
+        with torch.no_grad():
+            ours = score(rm, batch)
+        outside = plain_transformers_scores(tmp_path / pooling.value, batch)
+        assert torch.allclose(outside, ours, atol=1e-5) is same, (pooling, outside, ours)
