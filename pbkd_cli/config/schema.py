@@ -382,6 +382,10 @@ class MinMaxConfig:
     # Prompts sampled per prompt trained on: each iteration samples prompts_per_iteration x oversample
     # prompts and the student step keeps the prompts_per_iteration whose rewards spread most.
     oversample: int = 1
+    # With oversample > 1 and teacher_in_group: the pool's prompts whose teacher answer the reward scores in
+    # the lowest distrusted_fraction are chosen last (where a learnt reward doubts even the teacher, its
+    # ranking of the student's samples is mostly noise; the verifiable reward gives 0 there).
+    distrusted_fraction: float = 0.0
     temperature: float = 1.0
     prompt_offset: int = 0
     num_prompts: Optional[int] = None
@@ -507,6 +511,7 @@ RANGES: Dict[str, tuple] = {
     **{key: (0, 1, True, True) for key in ("sft.kd.jsd_beta", "sft.kd.skew_alpha", "sft.kd.on_policy_ratio")},
     "trainer.warmup_ratio": (0, 1, True, False),
     "train_rm.heldout_fraction": (0, 1, True, False),
+    "minmax.distrusted_fraction": (0, 1, True, False),
     "generation.top_p": (0, 1, False, True),
 }
 

@@ -46,20 +46,39 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["non
     return advantages.reshape(-1)
 
 
-def widest_groups(rewards: torch.Tensor, group_size: int, keep: int) -> list[int]:
+def widest_groups(rewards: torch.Tensor, group_size: int, keep: int, eligible: torch.Tensor | None = None) -> list[int]:
     """The `keep` groups (of `group_size` consecutive rewards) whose rewards spread most, in their order.
 
     A group whose samples all score the same has zero advantage everywhere: it carries no policy
     gradient, only dilutes the step's few informative prompts (DAPO's dynamic sampling drops such
-    groups). Ties keep the earlier group, so a binary reward keeps every mixed group first.
+    groups). Ties keep the earlier group, so a binary reward keeps every mixed group first. Groups
+    where `eligible` (bool, one per group) is False come after every eligible one.
     """
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     spread = rewards.reshape(-1, group_size).double().std(1, correction=0)
     if not 0 < keep <= spread.numel():
         raise ValueError(f"cannot keep {keep} of {spread.numel()} groups")
+    if eligible is not None:
+        spread = torch.where(eligible.bool(), spread, spread - (spread.max() - spread.min() + 1.0))
     order = torch.sort(-spread, stable=True).indices[:keep]
     return sorted(order.tolist())
+
+
+def trusted_groups(reference_rewards: torch.Tensor, distrusted_fraction: float) -> torch.Tensor:
+    """Which groups (bool) to learn from: all but the `distrusted_fraction` whose reference answer (the
+    teacher's) the reward scores lowest.
+
+    A learnt reward that scores even the teacher's answer low is, mostly, a reward that cannot tell right
+    from wrong on that prompt: there its ranking of the student's samples pushes up the least bad wrong one.
+    Ties at the cut are kept.
+    """
+    if not 0.0 <= distrusted_fraction < 1.0:
+        raise ValueError(f"distrusted fraction {distrusted_fraction}: must lie in [0, 1)")
+    if distrusted_fraction == 0.0:
+        return torch.ones_like(reference_rewards, dtype=torch.bool)
+    cut = torch.quantile(reference_rewards.double(), distrusted_fraction)
+    return reference_rewards.double() >= cut
 
 
 def weigh_negative_advantages(advantages: torch.Tensor, weight: float) -> torch.Tensor:

@@ -175,10 +175,12 @@ def teacher_answers(cfg: PbkdConfig, examples, visited: list[int]) -> dict[int, 
     return answers
 
 
-def widest_prompts(pool: list[int], samples: Samples, rewards: torch.Tensor, keep: int):
-    """The `keep` prompts of `pool` whose samples' rewards spread most: (their indices, their samples,
-    their rewards), each in the same order (the student step pairs the i-th sample with the i-th reward)."""
-    kept = widest_groups(rewards, samples.num_samples, keep)
+def widest_prompts(pool: list[int], samples: Samples, rewards: torch.Tensor, keep: int,
+                   eligible: torch.Tensor | None = None):
+    """The `keep` prompts of `pool` whose samples' rewards spread most (`eligible` ones first): (their
+    indices, their samples, their rewards), each in the same order (the student step pairs the i-th
+    sample with the i-th reward)."""
+    kept = widest_groups(rewards, samples.num_samples, keep, eligible)
     return [pool[g] for g in kept], samples.groups(kept), rewards.reshape(-1, samples.num_samples)[kept].reshape(-1)
 
 

@@ -27,7 +27,7 @@ from pbkd_cli.data.prompts import collate, encode_pairs, encode_prompts, encode_
 from pbkd_cli.engine import save_model
 from pbkd_cli.models.reward import score
 from pbkd_cli.objectives.bradley_terry import pairwise_accuracy, rm_game_objective
-from pbkd_cli.objectives.policy_gradient import group_advantages, weigh_negative_advantages
+from pbkd_cli.objectives.policy_gradient import group_advantages, trusted_groups, weigh_negative_advantages
 from pbkd_cli.runner import Run
 from pbkd_cli.stages import mm_pbkd
 from pbkd_cli.stages._game import (HeldoutAccuracy, adversary_engine, answer_accuracy, game_preferences,
@@ -134,9 +134,10 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         pool_groups = (pool_samples.joined([teacher_rows[i] for i in pool], [answers[i] for i in pool])
                        if teacher_rows else pool_samples)
         if c.oversample > 1:
-            idx, groups, rewards = widest_prompts(pool, pool_groups,
-                                                  reward_of(pool_groups, [i for i in pool for _ in range(k)]),
-                                                  c.prompts_per_iteration)
+            pool_rewards = reward_of(pool_groups, [i for i in pool for _ in range(k)])
+            trusted = (trusted_groups(pool_rewards.reshape(-1, k)[:, own:].mean(1), c.distrusted_fraction)
+                       if teacher_rows else None)
+            idx, groups, rewards = widest_prompts(pool, pool_groups, pool_rewards, c.prompts_per_iteration, trusted)
         else:
             idx, groups, rewards = pool, pool_groups, None
         prompt_index = [i for i in idx for _ in range(k)]

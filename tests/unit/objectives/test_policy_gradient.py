@@ -175,3 +175,23 @@ def test_widest_groups_reject_what_cannot_be_kept():
     with pytest.raises(ValueError, match="cannot keep 3 of 2"):
         widest_groups(torch.zeros(4), 2, 3)
 
+
+
+def test_ineligible_groups_are_kept_only_after_every_eligible_one():
+    rewards = torch.tensor([0.0, 5.0, 0.0, 1.0, 2.0, 2.0, 0.0, 0.5])  # spreads 2.5, 0.5, 0, 0.25
+    eligible = torch.tensor([False, True, True, True])
+    assert widest_groups(rewards, 2, 2, eligible) == [1, 3]
+    assert widest_groups(rewards, 2, 4, eligible) == [0, 1, 2, 3]
+    assert widest_groups(rewards, 2, 1) == [0]
+
+
+def test_trusted_groups_leave_out_the_lowest_reference_rewards():
+    from pbkd_cli.objectives.policy_gradient import trusted_groups
+
+    reference = torch.tensor([0.3, -2.0, 0.1, -0.5, 0.9])
+    assert trusted_groups(reference, 0.0).tolist() == [True] * 5
+    # The 25% quantile of [-2, -0.5, 0.1, 0.3, 0.9] is -0.5 (linear): only -2.0 falls below it.
+    assert trusted_groups(reference, 0.25).tolist() == [True, False, True, True, True]
+    assert trusted_groups(reference, 0.5).tolist() == [True, False, True, False, True]
+    with pytest.raises(ValueError, match="distrusted fraction 1.0"):
+        trusted_groups(reference, 1.0)
