@@ -69,15 +69,17 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     # The Q-function's implied reward reads the teacher's probabilities: it needs the trained teacher.
     rm = step(fit, "train_rm", [*teacher, f"train_rm.prefs_path={offline_prefs['prefs_path']}",
                                 *([f"model.rm.name_or_path={backbone}"] if backbone else [])])
-    game = [*teacher, sft_student, *answers, f"model.rm.name_or_path={rm['model_dir']}",
-            f"minmax.prefs_path={offline_prefs['prefs_path']}"]
+    # MM PbKD's student step matches moments on every prompt it samples, on its own samples only.
+    own_samples = ["minmax.oversample=1", "minmax.teacher_in_group=false", "minmax.rollouts_per_update=null"]
+    game = [*teacher, sft_student, *answers, *(own_samples if white_box else []),
+            f"model.rm.name_or_path={rm['model_dir']}", f"minmax.prefs_path={offline_prefs['prefs_path']}"]
     pbkd = "MM PbKD" if white_box else "PbKD"
     if cfg.pipeline.controls and not white_box:
         # GAD: the same game with no preference anchor; the RM is a teacher-vs-student discriminator.
         trained["GAD"] = step("gad", "minmax", [*game, "minmax.beta=0"])
     trained[f"{pbkd} offline"] = step("pbkd_offline", "minmax", game)
     trained[f"{pbkd} online"] = step("pbkd_online", "online", [
-        *teacher, sft_student, *answers, f"model.rm.name_or_path={rm['model_dir']}",
+        *teacher, sft_student, *answers, *(own_samples if white_box else []), f"model.rm.name_or_path={rm['model_dir']}",
         f"online.initial_prefs_path={offline_prefs['prefs_path']}",
         # Online rounds ask fresh prompts, after the ones the offline pairs used.
         f"collect_prefs.prompt_offset={offline_prefs['prompts']}"])
