@@ -3,7 +3,9 @@
     min_pi  max_{r in R(D)}  J(pi_E, r) - J(pi, r)        (METHOD.md, "Offline PbKD")
 
 Each iteration, on a batch of prompts:
-  1. sample k responses per prompt from the current student (pi_old);
+  1. sample k responses per prompt from the current student (pi_old); with `teacher_in_group` the
+     teacher's answer joins each prompt's group, and with `oversample` > 1 the step keeps the prompts
+     whose groups the reward tells apart most (those it doubts the teacher on last);
   2. RM step: ascend  mean r(x, tau_E) - mean r(x, tau_pi) - beta * L_BT(D) - reward_l2 * mean r^2;
   3. student step: rewards from the updated RM, advantages against the prompt's group baseline
      (scaled by `advantage_scale`), clipped policy gradient (PPO-style) plus a KL penalty to the
