@@ -89,7 +89,8 @@ def test_minmax_plays_the_game_and_logs_its_figures(workdir, trained_teacher, pr
     run_dir = workdir / "minmax"
     ok(pbkd("minmax", *TINY, *MINMAX, f"model.teacher.name_or_path={trained_teacher}",
             f"model.rm.name_or_path={reward_model / 'model'}", f"minmax.prefs_path={prefs / 'prefs.jsonl'}",
-            "minmax.eval_every=2", "minmax.eval_prompts=8", "minmax.oversample=2", f"hydra.run.dir={run_dir}",
+            "minmax.eval_every=2", "minmax.eval_prompts=8", "minmax.oversample=2", "minmax.teacher_in_group=true",
+            "minmax.distrusted_fraction=0.5", f"hydra.run.dir={run_dir}",
             cwd=workdir))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
@@ -97,12 +98,13 @@ def test_minmax_plays_the_game_and_logs_its_figures(workdir, trained_teacher, pr
     assert "minmax/heldout_accuracy" not in metrics[0] and 0.0 <= metrics[1]["minmax/heldout_accuracy"] <= 1.0
     result = summary(run_dir)
     assert result["final"]["heldout_accuracy"] == metrics[1]["minmax/heldout_accuracy"]
-    # 2 iterations x 4 prompts x 2 samples, 2 PPO epochs of one optimiser step each; 8 prompts sampled
-    # per iteration (oversample 2), the 4 the RM tells apart most trained on.
-    assert result["student_train_sequences"] == 32 and result["student_updates"] == 4
+    # 2 iterations x 4 prompts x (2 samples + the teacher's answer), 2 PPO epochs of one optimiser step
+    # each; 8 prompts sampled per iteration (oversample 2), the 4 the RM tells apart most trained on.
+    assert result["student_train_sequences"] == 48 and result["student_updates"] == 4
     assert result["student_samples"] == 32
     for key in ("minmax/sample/pool_accuracy", "minmax/sample/informative_prompts", "minmax/rm/gap", "minmax/rm/bt_loss", "minmax/rm/pref_accuracy", "minmax/pg/clip_fraction",
-                "minmax/pg/kl", "minmax/reward/mean", "minmax/reward/std", "minmax/sample/length"):
+                "minmax/pg/kl", "minmax/reward/mean", "minmax/reward/std", "minmax/sample/length",
+                "minmax/reward/teacher_minus_student", "minmax/pg/positive_on_wrong"):
         assert key in metrics[-1], key
     assert (run_dir / "model" / "model.safetensors").exists() and (run_dir / "rm" / "model.safetensors").exists()
 
