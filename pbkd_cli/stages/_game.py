@@ -76,6 +76,9 @@ def check_game(cfg: PbkdConfig) -> None:
     if c.teacher_in_group and cfg.variant == Variant.white_box and c.reward == GameReward.rm:
         raise PbkdError("minmax.teacher_in_group=true: MM PbKD's student step is on its own samples; the "
                         "teacher's answers join the groups of the black-box game and its RL control")
+    if c.distrusted_fraction > 0 and not (c.teacher_in_group and c.oversample > 1):
+        raise PbkdError(f"minmax.distrusted_fraction={c.distrusted_fraction}: it orders the oversampled pool by the "
+                        "teacher's answers' reward; set minmax.teacher_in_group=true and minmax.oversample > 1")
     if c.teacher_temperature == 0 and c.teacher_samples_per_prompt != 1:
         raise PbkdError(f"minmax.teacher_samples_per_prompt={c.teacher_samples_per_prompt}: greedy teacher "
                         "answers (minmax.teacher_temperature=0) give one per prompt")

@@ -70,7 +70,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     rm = step(fit, "train_rm", [*teacher, f"train_rm.prefs_path={offline_prefs['prefs_path']}",
                                 *([f"model.rm.name_or_path={backbone}"] if backbone else [])])
     # MM PbKD's student step matches moments on every prompt it samples, on its own samples only.
-    own_samples = ["minmax.oversample=1", "minmax.teacher_in_group=false", "minmax.rollouts_per_update=null"]
+    own_samples = ["minmax.oversample=1", "minmax.teacher_in_group=false", "minmax.rollouts_per_update=null",
+                   "minmax.distrusted_fraction=0"]
     game = [*teacher, sft_student, *answers, *(own_samples if white_box else []),
             f"model.rm.name_or_path={rm['model_dir']}", f"minmax.prefs_path={offline_prefs['prefs_path']}"]
     pbkd = "MM PbKD" if white_box else "PbKD"
