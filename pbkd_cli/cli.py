@@ -78,9 +78,25 @@ def _shared_run_dir(stage: str, overrides: list[str], multirun: bool) -> list[st
     return [*overrides, f"hydra.run.dir=outputs/{stage}/{name}"]
 
 
+def check_run_dir(overrides: list[str], multirun: bool) -> None:
+    """A run directory that is a file, or under a directory this process cannot write to, is a one-line
+    error before anything loads (Hydra would fail creating it, with a traceback)."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")]
+    path = Path(given[-1] if given else "outputs").expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={path}: is a file, not a directory")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path}: cannot write in {existing} (read-only or no permission)")
+
+
 def _launch(stage: str, args: list[str], multirun: bool) -> None:
     flags, overrides = _split_args(args)
     try:
+        check_run_dir(overrides, multirun)
         overrides = _shared_run_dir(stage, overrides, multirun)
         planned = plan_jobs(stage, overrides, multirun)
         if multirun and any(f.split("=", 1)[0] in ("--cfg", "-c", "--info") for f in flags):
@@ -106,6 +122,8 @@ def one_line_exit(exc: BaseException) -> tuple[int, str] | None:
     if full is not None:
         # Every artefact is written under a temporary name first: nothing half-written is left behind.
         return 2, f"error: no space left on the device writing {full}"
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and exc.filename:
+        return 2, f"error: {exc.strerror}: {exc.filename}"
     return None
 
 

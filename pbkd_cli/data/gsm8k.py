@@ -8,7 +8,6 @@ hub's format: one object per line with `question` and `answer`, the latter the w
 from __future__ import annotations
 
 import ast
-import json
 import operator
 import re
 from decimal import Decimal
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pbkd_cli.data.examples import DataError, Example
+from pbkd_cli.io import PbkdError, numbered_jsonl
 
 ANSWER_MARKER = "####"
 # A sign counts only where it cannot be a binary minus ("12-3" holds 12 and 3, not -3). Thousands
@@ -107,23 +107,10 @@ def _example(row: dict, where: str, example_id: str, strip_annotations: bool) ->
 
 def _local_rows(path: Path, limit: int | None, key: str) -> list[tuple[str, dict]]:
     """The first `limit` JSON objects of the JSONL file `key` names, each with the line it came from."""
-    if not path.is_file():
-        raise DataError(f"{key}={path}: no such file")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{key}={path} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append((where, row))
+    try:
+        rows = [(f"{key}={path} line {number}", row) for number, row in islice(numbered_jsonl(path, key), limit)]
+    except PbkdError as exc:
+        raise DataError(str(exc)) from None
     if not rows and limit != 0:
         raise DataError(f"{key}={path}: empty file, no examples")
     return rows

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -29,11 +29,19 @@ def gold_response(example: Example) -> str:
     return " " + example.solution.strip()
 
 
+def _prompt_ids(examples: list[Example], cfg: DataConfig, tokenizer) -> list[list[int]]:
+    """Token ids of the formatted prompts. A question is first cut to its last characters that can
+    still reach the prompt's last `max_prompt_tokens` tokens (no token covers more characters than
+    the vocabulary's longest entry), so a huge one is not tokenised whole."""
+    keep = cfg.max_prompt_tokens * max(map(len, tokenizer.get_vocab()))
+    texts = [format_prompt(replace(ex, question=ex.question[-keep:]) if len(ex.question) > keep else ex,
+                           cfg, tokenizer) for ex in examples]
+    return tokenizer(texts, add_special_tokens=not cfg.use_chat_template)["input_ids"]
+
+
 def overlong(examples: list[Example], cfg: DataConfig, tokenizer) -> list[bool]:
     """Which examples' formatted prompts exceed `max_prompt_tokens`."""
-    texts = [format_prompt(ex, cfg, tokenizer) for ex in examples]
-    ids = tokenizer(texts, add_special_tokens=not cfg.use_chat_template)["input_ids"]
-    return [len(row) > cfg.max_prompt_tokens for row in ids]
+    return [len(row) > cfg.max_prompt_tokens for row in _prompt_ids(examples, cfg, tokenizer)]
 
 
 def fit_to_context(items: list[T], examples: list[Example], cfg: DataConfig, tokenizer, what: str) -> tuple[list[T], int]:
@@ -55,9 +63,7 @@ def fit_to_context(items: list[T], examples: list[Example], cfg: DataConfig, tok
 
 def encode_prompts(examples: list[Example], cfg: DataConfig, tokenizer) -> list[list[int]]:
     """Prompt ids, keeping the last `max_prompt_tokens` (the question's end holds what is asked)."""
-    texts = [format_prompt(ex, cfg, tokenizer) for ex in examples]
-    ids = tokenizer(texts, add_special_tokens=not cfg.use_chat_template)["input_ids"]
-    return [row[-cfg.max_prompt_tokens:] for row in ids]
+    return [row[-cfg.max_prompt_tokens:] for row in _prompt_ids(examples, cfg, tokenizer)]
 
 
 def encode_responses(responses: list[str], cfg: DataConfig, tokenizer) -> list[list[int]]:

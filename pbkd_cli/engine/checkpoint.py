@@ -5,20 +5,26 @@ Layout under the run directory:
     checkpoints/step-000040/<engine name>/...   DeepSpeed's own checkpoint (weights, optimiser, scheduler)
     checkpoints/step-000040/rng-rank<r>.pt      torch / numpy / python RNG states of rank r
     checkpoints/step-000040/state.json          the loop's own state (step, data position, ...)
+    checkpoints/step-000040/manifest.json       the sha256 of every other file in the step directory
     checkpoints/latest.json                     which step directory is complete
 
 A step directory is written under a temporary name and renamed once every rank has finished, and
 `latest.json` is replaced atomically after that, so a process killed while saving leaves the
-previous checkpoint in charge. SIGTERM and SIGUSR1 (SLURM's pre-emption warnings) do not kill the
+previous checkpoint in charge. DeepSpeed's files are pickles, and unpickling runs code: resuming
+first checks every file against the manifest written when it was saved and refuses a checkpoint
+with a changed, missing or extra file (RNG states load weights-only, the loop's state is JSON).
+SIGTERM and SIGUSR1 (SLURM's pre-emption warnings) do not kill the
 loop: it finishes the current step, saves, and stops with `Preempted`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import random
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -34,6 +40,35 @@ log = logging.getLogger("pbkd")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _LATEST = "latest.json"
+_MANIFEST = "manifest.json"
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory` but its manifest, by path relative to it."""
+    digests = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != _MANIFEST):
+        sha = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(2**20), b""):
+                sha.update(block)
+        digests[path.relative_to(directory).as_posix()] = sha.hexdigest()
+    return digests
+
+
+def verify_manifest(directory: Path) -> None:
+    """Refuse (one line) a checkpoint whose files are not exactly those it was saved with."""
+    manifest = directory / _MANIFEST
+    if not manifest.is_file():
+        raise PbkdError(f"checkpoint {directory}: no {_MANIFEST} to check its files against (not saved by this "
+                        f"version of pbkd); refusing to unpickle it; resume=false starts over")
+    saved = json.loads(manifest.read_text())["sha256"]
+    found = file_digests(directory)
+    for name in sorted(set(saved) | set(found)):
+        problem = ("is missing" if name not in found else "was not in it when it was saved" if name not in saved
+                   else "differs from the file that was saved" if found[name] != saved[name] else None)
+        if problem:
+            raise PbkdError(f"checkpoint {directory}: {name} {problem}; refusing to load it "
+                            f"(its files are pickles); resume=false starts over")
 
 
 class Preempted(Exception):
@@ -117,6 +152,8 @@ class Checkpoints:
         if not marker.is_file():
             return None
         latest = json.loads(marker.read_text())
+        if not re.fullmatch(r"step-\d{6}", str(latest.get("dir"))):
+            raise PbkdError(f"{marker}: 'dir' is {latest.get('dir')!r}, not a step directory of this run")
         return latest["step"], self.dir / latest["dir"]
 
     def restore(self) -> dict[str, Any]:
@@ -136,6 +173,7 @@ class Checkpoints:
                 shutil.rmtree(self.dir)
             barrier()
             return {}
+        verify_manifest(path)
         for name, engine in self.engines.items():
             loaded, _ = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True,
                                                load_lr_scheduler_states=True)
@@ -178,6 +216,7 @@ class Checkpoints:
             barrier()
             if self.is_main:
                 atomic_write_json(tmp / "state.json", {"step": step, "loop": loop_state, "config": self.config})
+                atomic_write_json(tmp / _MANIFEST, {"sha256": file_digests(tmp)})
         except BaseException:
             # A failed save (a full disk) leaves the previous checkpoint as the newest, and no debris.
             if self.is_main:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pbkd_cli.cli import _shared_run_dir, one_line_exit
+from pbkd_cli.cli import _shared_run_dir, check_run_dir, one_line_exit
 from pbkd_cli.config.compose import ConfigError
 from pbkd_cli.config.schema import LoggerConfig, TrainerConfig, WandbMode
 from pbkd_cli.engine.checkpoint import Checkpoints, Preempted
@@ -124,6 +124,32 @@ def test_a_save_that_fails_on_a_full_disk_leaves_no_debris_and_the_previous_chec
     assert one_line_exit(err.value) == (2, "error: no space left on the device writing an artefact")
 
 
+@pytest.mark.parametrize("tamper, message", [
+    (lambda step: (step / "policy" / "weight.pt").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR."),
+     "policy/weight.pt differs from the file that was saved"),
+    (lambda step: (step / "policy" / "extra.pt").write_bytes(b"x"), "policy/extra.pt was not in it when it was saved"),
+    (lambda step: (step / "rng-rank0.pt").unlink(), "rng-rank0.pt is missing"),
+    (lambda step: (step / "manifest.json").unlink(), "no manifest.json to check its files against"),
+])
+def test_a_tampered_checkpoint_is_refused_before_anything_is_unpickled(tmp_path, tamper, message):
+    class Watched(FakeEngine):
+        def load_checkpoint(self, load_dir, tag, **_):
+            raise AssertionError("unpickled a checkpoint that failed its check")
+
+    checkpoints(tmp_path, FakeEngine()).save(2, {"step": 2})
+    tamper(tmp_path / "step-000002")
+    with pytest.raises(PbkdError, match=f"^checkpoint {tmp_path / 'step-000002'}: {message}") as err:
+        checkpoints(tmp_path, Watched()).restore()
+    assert "\n" not in str(err.value) and "resume=false starts over" in str(err.value)
+
+
+def test_latest_cannot_point_outside_the_run(tmp_path):
+    checkpoints(tmp_path, FakeEngine()).save(2, {"step": 2})
+    (tmp_path / "latest.json").write_text(json.dumps({"step": 2, "dir": "../elsewhere"}))
+    with pytest.raises(PbkdError, match="'dir' is '../elsewhere', not a step directory"):
+        checkpoints(tmp_path, FakeEngine()).restore()
+
+
 def test_a_stop_signal_saves_at_the_end_of_the_step_and_raises(tmp_path):
     engine = FakeEngine()
     saver = checkpoints(tmp_path, engine, every=0)
@@ -220,6 +246,10 @@ def test_user_facing_failures_become_one_line_and_bugs_do_not():
         2, "error: no space left on the device writing /run/model.safetensors")
     assert one_line_exit(PbkdError("data: the train split is empty")) == (2, "error: data: the train split is empty")
     assert one_line_exit(OSError(errno.EACCES, "Permission denied")) is None
+    assert one_line_exit(PermissionError(errno.EACCES, "Permission denied", "/shared/run/model")) == (
+        2, "error: Permission denied: /shared/run/model")
+    assert one_line_exit(OSError(errno.EROFS, "Read-only file system", "/ro/run")) == (
+        2, "error: Read-only file system: /ro/run")
     wrapped = RuntimeError("PytorchStreamWriter failed writing file data/0")
     wrapped.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded", "/run/ckpt/optim.pt")
     assert one_line_exit(wrapped) == (2, "error: no space left on the device writing /run/ckpt/optim.pt")
@@ -227,6 +257,19 @@ def test_user_facing_failures_become_one_line_and_bugs_do_not():
 
 
 # -- metrics after a resume ----------------------------------------------------------------------
+
+def test_a_run_directory_that_cannot_be_made_is_one_line_before_anything_loads(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    check_run_dir([f"hydra.run.dir={tmp_path / 'new' / 'run'}"], multirun=False)      # made later: fine
+    with pytest.raises(ConfigError, match=f"^hydra.run.dir={tmp_path / 'afile'}: is a file, not a directory$"):
+        check_run_dir([f"hydra.run.dir={tmp_path / 'afile'}"], multirun=False)
+    with pytest.raises(ConfigError, match=f"^hydra.sweep.dir=.*: {tmp_path / 'afile'} is a file, not a directory$"):
+        check_run_dir([f"hydra.sweep.dir={tmp_path / 'afile' / 'sweep'}"], multirun=True)
+    # Root writes anywhere, so the permission check is exercised through what os.access answers.
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(ConfigError, match=f"cannot write in {tmp_path} \\(read-only or no permission\\)$"):
+        check_run_dir([f"hydra.run.dir={tmp_path / 'run'}"], multirun=False)
+
 
 def test_rewind_drops_the_rows_logged_after_the_checkpoint(tmp_path):
     tracker = Tracker(tmp_path, LoggerConfig(mode=WandbMode.disabled, progress_bars=False), {}, "t", is_main=True)
