@@ -519,6 +519,20 @@ RANGES: Dict[str, tuple] = {
 def contradiction(cfg: "PbkdConfig") -> str | None:
     """The first `key=value: why` of `cfg` that another setting makes meaningless, or None: a value the
     run would silently ignore is a mistake to hear about before any job starts."""
+    for role in ("teacher", "student", "rm"):
+        tiny = getattr(cfg.model, role).tiny
+        key = f"model.{role}.tiny"
+        if tiny is None or getattr(cfg.model, role).name_or_path is not None:
+            continue
+        for name, value in vars(tiny).items():
+            if value < 1:
+                return f"{key}.{name}={value}: must be >= 1"
+        if tiny.hidden_size % tiny.num_attention_heads:
+            return (f"{key}.hidden_size={tiny.hidden_size}: must be a multiple of "
+                    f"{key}.num_attention_heads={tiny.num_attention_heads}")
+        if tiny.num_attention_heads % tiny.num_key_value_heads:
+            return (f"{key}.num_attention_heads={tiny.num_attention_heads}: must be a multiple of "
+                    f"{key}.num_key_value_heads={tiny.num_key_value_heads}")
     data = cfg.data
     for key in ("train_path", "test_path"):
         value = getattr(data, key)

@@ -1,5 +1,7 @@
 """Composition and schema validation: every bad config fails before any work, naming its key."""
 
+import re
+
 import pytest
 
 from pbkd_cli.config.compose import ConfigError, compose, plan_jobs, to_typed, with_stage_overrides
@@ -123,3 +125,15 @@ def test_a_local_data_file_the_task_would_ignore_is_one_line(key):
     assert str(err.value) == (f"data.{key}=/data/gsm8k/{key}.jsonl: only data.task=gsm8k reads a local file "
                               "(data.task=arithmetic generates its examples; set data=gsm8k)")
     assert getattr(typed("data=gsm8k", f"data.{key}=/data/gsm8k/{key}.jsonl").data, key) == f"/data/gsm8k/{key}.jsonl"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.student.tiny.hidden_size=98", "model.student.tiny.hidden_size=98: must be a multiple of "
+                                           "model.student.tiny.num_attention_heads=4"),
+    ("model.teacher.tiny.num_key_value_heads=4", "model.teacher.tiny.num_attention_heads=6: must be a multiple of "
+                                                 "model.teacher.tiny.num_key_value_heads=4"),
+    ("model.rm.tiny.num_hidden_layers=0", "model.rm.tiny.num_hidden_layers=0: must be >= 1"),
+])
+def test_a_tiny_architecture_that_cannot_be_built_is_one_line_before_any_model_loads(override, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        plan_jobs("sft", ["+exp=demo", override], multirun=False)
