@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pbkd_cli.io import PbkdError, atomic_write_json, read_jsonl
+from pbkd_cli.io import PbkdError, atomic_write_json, numbered_jsonl
 
 
 @dataclass
@@ -37,14 +37,13 @@ REQUIRED = ("prompt", "chosen", "rejected")
 
 def load_preferences(path: str | Path, what: str = "prefs.path") -> list[PreferencePair]:
     """Read a JSONL preference file; a line without prompt/chosen/rejected names its line number."""
-    rows = read_jsonl(path, what)
     pairs = []
     known = set(PreferencePair.__dataclass_fields__) - {"extra"}
-    for number, row in enumerate(rows, start=1):
+    for number, row in numbered_jsonl(path, what):
         missing = [k for k in REQUIRED if not isinstance(row.get(k), str)]
         if missing:
-            raise PbkdError(f"{what}={path} pair {number}: missing or non-string '{missing[0]}'")
-        row.setdefault("id", f"pair-{number}")
+            raise PbkdError(f"{what}={path} line {number}: missing or non-string '{missing[0]}'")
+        row.setdefault("id", f"pair-{len(pairs) + 1}")
         # Columns other tools add (scores, metadata) are kept, not dropped.
         extra = {**row.get("extra", {}), **{k: v for k, v in row.items() if k not in known | {"extra"}}}
         pairs.append(PreferencePair(**{k: v for k, v in row.items() if k in known}, extra=extra))

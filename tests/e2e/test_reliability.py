@@ -176,7 +176,7 @@ def test_malformed_preference_line_names_the_file_and_line(workdir, prefs):
 
 
 @pytest.mark.parametrize("content, message", [("", "no preference pairs"),
-                                               ('{"prompt": "Q", "chosen": "a"}\n', "pair 1: missing or non-string 'rejected'")])
+                                               ('{"prompt": "Q", "chosen": "a"}\n', "line 1: missing or non-string 'rejected'")])
 def test_empty_or_incomplete_preferences_are_one_line(workdir, content, message):
     path = workdir / "few_prefs.jsonl"
     path.write_text(content)
