@@ -183,6 +183,7 @@ def _stage(name: str, summary: str):
 _stage("sft", "Supervised fine-tuning on gold or teacher responses (vanilla black-box KD).")
 _stage("collect-prefs", "Sample teacher and student responses and label preference pairs.")
 _stage("train-rm", "Fit the reward model to preference pairs by Bradley-Terry MLE.")
+_stage("dpo", "Preference optimisation (DPO, IPO) of a policy on preference pairs, against itself as it starts.")
 _stage("minmax", "Offline PbKD: the min-max game between student and reward model.")
 _stage("online", "Online PbKD: iterate collect -> refit RM -> min-max.")
 _stage("eval", "Score one or several models on benchmarks (task, GSM8K, multiple choice, ROUGE-L): one table.")

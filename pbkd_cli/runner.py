@@ -27,6 +27,7 @@ STAGES = {
     "sft": "sft",
     "collect_prefs": "collect_prefs",
     "train_rm": "train_rm",
+    "dpo": "dpo",
     "minmax": "minmax",
     "online": "online",
     "eval": "evaluate",
@@ -164,7 +165,7 @@ def run_stage(cfg: PbkdConfig, run_dir: Path, overrides: list[str]) -> dict[str,
     dist = distributed_context()
     if not dist.is_main:
         log.setLevel(logging.WARNING)  # one copy of the progress lines, from rank 0
-    if cfg.stage in ("sft", "train_rm"):
+    if cfg.stage in ("sft", "train_rm", "dpo"):
         from pbkd_cli.engine.deepspeed_engine import deepspeed_config
 
         deepspeed_config(cfg.deepspeed, cfg.trainer)  # the batch arithmetic, checked before any model loads

@@ -336,6 +336,24 @@ class TrainRMConfig:
     heldout_fraction: float = 0.1
 
 
+class PreferenceLoss(str, Enum):
+    sigmoid = "sigmoid"  # DPO (with label_smoothing: conservative DPO)
+    ipo = "ipo"  # IPO: the margin is pulled to 1/(2 beta), not pushed on
+
+
+@dataclass
+class DPOConfig:
+    """Preference optimisation of `model` on a preference file, against itself as it starts (`pbkd dpo`)."""
+
+    prefs_path: Optional[str] = None
+    model: ModelRole = ModelRole.student
+    loss: PreferenceLoss = PreferenceLoss.sigmoid
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    # Pairs held out (seeded) to report how often the implicit reward ranks them right.
+    heldout_fraction: float = 0.1
+
+
 class Baseline(str, Enum):
     group_mean = "group_mean"  # mean reward of the k samples of the same prompt (GRPO-style)
     leave_one_out = "leave_one_out"  # mean of the other k - 1 samples (RLOO)
@@ -450,6 +468,9 @@ class PipelineConfig:
     # The control rows: RL with the verifiable reward (what a perfect RM could give) and GAD (the game
     # without the preference anchor). Two more games; `make demo` leaves them out to stay short.
     controls: bool = True
+    # The paper's other black-box baselines: DPKD (DPO of the vanilla-KD student on its answers vs the
+    # teacher's) and Proxy-KD (a white-box proxy aligned to the teacher, distilled into the student).
+    baselines: bool = False
 
 
 class Variant(str, Enum):
@@ -479,6 +500,7 @@ class PbkdConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     collect_prefs: CollectPrefsConfig = field(default_factory=CollectPrefsConfig)
     train_rm: TrainRMConfig = field(default_factory=TrainRMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     minmax: MinMaxConfig = field(default_factory=MinMaxConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -507,10 +529,13 @@ RANGES: Dict[str, tuple] = {
         "minmax.prompt_offset", "minmax.teacher_temperature", "minmax.beta", "minmax.reward_l2", "minmax.rm_lr",
         "minmax.negative_weight", "minmax.kl_coef", "minmax.eval_every")},
     **{key: (0, None, False, False) for key in (
-        "sft.kd.temperature", "sft.kd.on_policy_temperature", "minmax.temperature", "minmax.clip_eps")},
+        "sft.kd.temperature", "sft.kd.on_policy_temperature", "minmax.temperature", "minmax.clip_eps",
+        "dpo.beta")},
     **{key: (0, 1, True, True) for key in ("sft.kd.jsd_beta", "sft.kd.skew_alpha", "sft.kd.on_policy_ratio")},
     "trainer.warmup_ratio": (0, 1, True, False),
     "train_rm.heldout_fraction": (0, 1, True, False),
+    "dpo.heldout_fraction": (0, 1, True, False),
+    "dpo.label_smoothing": (0, 0.5, True, False),
     "minmax.distrusted_fraction": (0, 1, True, False),
     "generation.top_p": (0, 1, False, True),
 }

@@ -7,6 +7,7 @@ from pbkd_cli.objectives.moment_matching import (expected_q, implied_rewards, mo
                                                  student_moment_matching_loss)
 from pbkd_cli.objectives.policy_gradient import (clipped_policy_gradient_loss, group_advantages, kl_penalty,
                                                  sequence_logprobs)
+from pbkd_cli.objectives.preference_optimization import preference_optimization_loss, response_logprob_sums
 
 __all__ = [
     "DIVERGENCES",
@@ -21,7 +22,9 @@ __all__ = [
     "kl_penalty",
     "moment_gap",
     "pairwise_accuracy",
+    "preference_optimization_loss",
     "q_game_objective",
+    "response_logprob_sums",
     "reverse_kl",
     "rm_game_objective",
     "sequence_logprobs",

@@ -6,6 +6,8 @@
       -> offline preferences -> RM by MLE -> min-max              = PbKD offline
                   [controls, black-box: -> min-max with beta 0    = GAD]
       -> T x (collect with the current student, refit, min-max)   = PbKD online
+      [baselines, black-box: -> teacher-vs-student pairs -> DPO    = DPKD
+                             -> FKL from that DPO'd proxy          = Proxy-KD]
       -> for each extra budget above: vanilla KD trained on that many more teacher sequences
     -> exact-match evaluation of every model
 Every method after vanilla KD starts from the vanilla-KD (SFT) student, as in the white-box KD
@@ -84,6 +86,21 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         f"online.initial_prefs_path={offline_prefs['prefs_path']}",
         # Online rounds ask fresh prompts, after the ones the offline pairs used.
         f"collect_prefs.prompt_offset={offline_prefs['prompts']}"])
+
+    if cfg.pipeline.baselines and not white_box:
+        # DPKD: the vanilla-KD student's implicit reward log(pi / pi_SFT), raised on the teacher's answer
+        # over its own (DPO). Its first stage (implicit reward + reverse KL) needs the teacher's
+        # probabilities; in the black-box pipeline the vanilla-KD student stands in for it.
+        dpkd_prefs = step("dpkd_prefs", "collect_prefs", [*teacher, sft_student,
+                                                          "collect_prefs.labeler=teacher_preferred"])
+        dpkd = trained["DPKD"] = step("dpkd", "dpo", [sft_student, f"dpo.prefs_path={dpkd_prefs['prefs_path']}"])
+        # Proxy-KD: a white-box proxy aligned to the teacher by SFT on its answers, then by preference
+        # optimisation with its answers preferred over the proxy's, then distilled into the student by
+        # white-box KD. Here the proxy has the student's architecture, so its two alignment steps are
+        # vanilla KD and the DPKD step above; the distillation is FKL on the proxy's greedy answers.
+        trained["Proxy-KD"] = step("proxy_kd", "sft", [
+            f"model.teacher.name_or_path={dpkd['model_dir']}", "sft.model=student", "sft.source=teacher", sft_student,
+            "sft.kd.loss=fkl"])
 
     # Compute-matched baselines: vanilla KD continued on teacher samples, one per budget used above.
     matched = {}

@@ -9,9 +9,29 @@ import yaml
 from .conftest import MINMAX, PREFS, TINY, ok, pbkd, summary
 
 
+def test_pipeline_with_the_paper_baselines_trains_dpkd_and_proxy_kd(workdir):
+    run_dir = workdir / "pipeline_baselines"
+    ok(pbkd("pipeline", *TINY, *PREFS, *MINMAX, "online.iterations=1", "online.prompts_per_iteration=8",
+            "pipeline.controls=false", "pipeline.baselines=true", f"hydra.run.dir={run_dir}", cwd=workdir))
+    methods = summary(run_dir)["methods"]
+    # DPO trains on both responses of 4 steps x 4 pairs (32 sequences, the games' budget), Proxy-KD's FKL
+    # on 4 x 4 answers: each gets its compute-matched vanilla-KD row.
+    assert list(methods) == ["teacher", "base student", "vanilla KD", "vanilla KD + 16 seqs", "vanilla KD + 32 seqs",
+                             "PbKD offline", "PbKD online", "DPKD", "Proxy-KD"]
+    assert methods["DPKD"]["extra_sequences"] == 32 and methods["Proxy-KD"]["extra_sequences"] == 16
+    from omegaconf import OmegaConf
+    assert OmegaConf.load(run_dir / "dpkd_prefs" / "config.yaml").collect_prefs.labeler == "teacher_preferred"
+    dpkd = OmegaConf.load(run_dir / "dpkd" / "config.yaml")
+    assert dpkd.dpo.prefs_path == summary(run_dir / "dpkd_prefs")["prefs_path"]
+    assert dpkd.model.student.name_or_path == str(run_dir / "vanilla_kd" / "model")
+    proxy = OmegaConf.load(run_dir / "proxy_kd" / "config.yaml")
+    assert proxy.model.teacher.name_or_path == str(run_dir / "dpkd" / "model") and proxy.sft.kd.loss == "fkl"
+    assert proxy.model.student.name_or_path == str(run_dir / "vanilla_kd" / "model")
+
+
 def test_help_lists_every_stage(workdir):
     out = ok(pbkd("--help", cwd=workdir)).stdout
-    for stage in ("sft", "collect-prefs", "train-rm", "minmax", "online", "eval", "pipeline"):
+    for stage in ("sft", "collect-prefs", "train-rm", "dpo", "minmax", "online", "eval", "pipeline"):
         assert stage in out
 
 

@@ -77,7 +77,7 @@ def test_stage_overrides_apply_below_the_users_own():
 def test_every_range_names_a_schema_key_and_the_defaults_lie_inside():
     assert out_of_range(PbkdConfig(stage="sft")) is None  # walks every key: a stale one raises here
     for exp in ("demo", "gsm8k"):
-        for stage in ("sft", "collect_prefs", "train_rm", "minmax", "online", "eval", "pipeline"):
+        for stage in ("sft", "collect_prefs", "train_rm", "dpo", "minmax", "online", "eval", "pipeline"):
             to_typed(compose(with_stage_overrides(stage, [f"+exp={exp}"])))
     assert "trainer.micro_batch_size" in RANGES and "train_rm.heldout_fraction" in RANGES
 

@@ -1,0 +1,113 @@
+"""Preference optimisation of a policy on (prompt, chosen, rejected) pairs: DPO, conservative DPO, IPO.
+
+    min_pi  E_(x, y_w, y_l) ~ D  loss(h),   h = log pi(y_w|x)/pi_ref(y_w|x) - log pi(y_l|x)/pi_ref(y_l|x)
+
+1. pi_ref is the policy as it starts (`dpo.model`'s weights); the log-probs it gives every pair's
+   responses are computed once, before training, and the copy is freed;
+2. each step: the policy's log-probs of a minibatch of pairs, the loss of their margins
+   (`objectives.preference_optimization`), one optimiser step;
+3. on the held-out pairs: how often the implicit reward beta * log(pi/pi_ref) ranks chosen over rejected.
+Pairs follow TRL's convention (prompt / chosen / rejected; `collect-prefs` writes them). In the
+pipeline it is DPKD's preference stage (the teacher's answers preferred over the student's) and
+Proxy-KD's alignment of its proxy to the teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import torch
+
+from pbkd_cli.config.schema import PbkdConfig
+from pbkd_cli.data.preferences import load_preferences
+from pbkd_cli.data.prompts import encode_pairs, fit_to_context, pair_examples
+from pbkd_cli.engine import build_engine, save_model
+from pbkd_cli.io import PbkdError
+from pbkd_cli.objectives.preference_optimization import preference_optimization_loss, response_logprob_sums
+from pbkd_cli.runner import Run
+from pbkd_cli.stages._shared import Minibatches, load_lm
+from pbkd_cli.stages.train_rm import pair_batch
+
+
+def pair_logprobs(model, prompts, chosen, rejected, idx, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`log pi(chosen | prompt)` and `log pi(rejected | prompt)` of the pairs `idx`, `[len(idx)]` each."""
+    batch = pair_batch(prompts, chosen, rejected, idx, pad_id).to(device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return response_logprob_sums(logits, batch.input_ids, batch.response_mask).chunk(2)
+
+
+@torch.no_grad()
+def all_pair_logprobs(model, prompts, chosen, rejected, pad_id, batch_size, device) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    parts = [pair_logprobs(model, prompts, chosen, rejected, list(range(start, min(start + batch_size, len(prompts)))),
+                           pad_id, device) for start in range(0, len(prompts), batch_size)]
+    return torch.cat([c for c, _ in parts]).cpu(), torch.cat([r for _, r in parts]).cpu()
+
+
+def run(cfg: PbkdConfig, run: Run) -> dict:
+    c, trainer = cfg.dpo, cfg.trainer
+    if c.prefs_path is None:
+        raise PbkdError("dpo.prefs_path: set it to a preference file (collect-prefs writes prefs.jsonl)")
+    pairs = load_preferences(c.prefs_path, "dpo.prefs_path")
+    tokenizer, policy = load_lm(cfg, c.model.value)
+    pairs, overlong = fit_to_context(pairs, pair_examples(pairs), cfg.data, tokenizer, "dpo pairs")
+    order = list(range(len(pairs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_heldout = int(len(pairs) * c.heldout_fraction)
+    heldout, train = [pairs[i] for i in order[:n_heldout]], [pairs[i] for i in order[n_heldout:]]
+    if not train:
+        raise PbkdError(f"dpo.heldout_fraction={c.heldout_fraction}: no pair of {len(pairs)} is left to train on")
+    pad, score_batch = tokenizer.pad_token_id, cfg.generation.batch_size
+    train_ids = encode_pairs(train, cfg.data, tokenizer)
+    heldout_ids = encode_pairs(heldout, cfg.data, tokenizer) if heldout else None
+
+    # 1. The reference: the policy as it starts, scored once on every pair (then freed).
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    engine = build_engine(policy, trainer, cfg.deepspeed)
+    reference.to(engine.device)
+    ref_train = all_pair_logprobs(reference, *train_ids, pad, score_batch, engine.device)
+    ref_heldout = all_pair_logprobs(reference, *heldout_ids, pad, score_batch, engine.device) if heldout else None
+    del reference
+
+    batches = Minibatches(len(train), min(trainer.micro_batch_size, len(train)), cfg.seed)
+    checkpoints = run.checkpoints(policy=engine)
+    resumed = checkpoints.restore()
+    if resumed:
+        batches.load_state_dict(resumed["batches"])
+    first = resumed.get("step", 0) + 1
+    figures = {}
+    # 2. Steps on the margins of minibatches of pairs.
+    for step in run.tracker.progress(range(first, trainer.max_steps + 1), total=trainer.max_steps - first + 1,
+                                     desc="dpo"):
+        for _ in range(trainer.grad_accum):
+            idx = next(batches)
+            chosen, rejected = pair_logprobs(engine, *train_ids, idx, pad, engine.device)
+            loss, figures = preference_optimization_loss(
+                chosen, rejected, ref_train[0][idx].to(chosen), ref_train[1][idx].to(chosen),
+                beta=c.beta, loss=c.loss.value, label_smoothing=c.label_smoothing)
+            checkpoints.require_finite(loss.item(), step)
+            engine.backward(loss)
+            engine.step()
+        if step % trainer.log_every == 0 or step == trainer.max_steps:
+            run.tracker.log({**figures, "lr": engine.get_lr()[0]}, step, prefix="dpo/")
+        checkpoints.step_done(step, lambda: {"step": step, "batches": batches.state_dict()})
+
+    save_model(engine, tokenizer, run.dir / "model")
+    summary = {
+        "model": c.model.value, "prefs_path": str(c.prefs_path), "loss": c.loss.value, "beta": c.beta,
+        "train_pairs": len(train), "heldout_pairs": len(heldout), "overlong_prompts": overlong,
+        "steps": trainer.max_steps,
+        # The budget a compute-matched baseline gets: each pair trains on two sequences.
+        "train_sequences": 2 * trainer.max_steps * engine.train_batch_size(),
+        "final": {k: round(v, 6) for k, v in figures.items()},
+        "model_dir": str(run.dir / "model"),
+    }
+    if heldout:
+        # 3. The implicit reward on pairs it never trained on.
+        chosen, rejected = all_pair_logprobs(engine.module, *heldout_ids, pad, score_batch, engine.device)
+        _, held = preference_optimization_loss(chosen, rejected, *ref_heldout, beta=c.beta, loss=c.loss.value,
+                                               label_smoothing=c.label_smoothing)
+        summary.update(heldout_reward_accuracy=round(held["reward_accuracy"], 6),
+                       heldout_reward_margin=round(held["reward_margin"], 6))
+    return summary
