@@ -98,6 +98,19 @@ def test_minmax_killed_and_resumed_ends_with_the_uninterrupted_figures(workdir, 
     assert figures(run_dir)["final"]  # the settled game figures, compared above
 
 
+def test_dpo_killed_and_resumed_ends_with_the_uninterrupted_figures(workdir, prefs):
+    """The reference log-probs are recomputed from the starting weights, not from the checkpoint's."""
+    po = [*TINY, f"dpo.prefs_path={prefs / 'prefs.jsonl'}", "trainer.max_steps=30", "trainer.micro_batch_size=4",
+          "trainer.checkpoint_every=5", "trainer.log_every=5"]
+    clean = workdir / "dpo_uninterrupted"
+    ok(pbkd("dpo", *po, f"hydra.run.dir={clean}", cwd=workdir))
+    run_dir = workdir / "dpo_killed"
+    args = ["dpo", *po, f"hydra.run.dir={run_dir}"]
+    assert kill_after_first_checkpoint(args, run_dir, workdir) < 30
+    ok(pbkd(*args, cwd=workdir))
+    assert figures(run_dir) == figures(clean) and figures(run_dir)["final"]["reward_margin"] != 0
+
+
 def test_resume_false_starts_over(workdir, uninterrupted_sft):
     run_dir = workdir / "sft_restart"
     shutil.copytree(uninterrupted_sft, run_dir)
