@@ -8,6 +8,7 @@ import math
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
@@ -20,11 +21,30 @@ log = logging.getLogger("pbkd")
 T = TypeVar("T")
 
 
+def logged_progress(iterable: Iterable[T], total: int | None, desc: str, every_s: float) -> Iterator[T]:
+    """`iterable`, with a log line (done/total, rate, ETA) at most every `every_s` seconds and at the
+    end: the progress a redirected or SLURM log shows, where a bar would be one long garbled line."""
+    started = last = time.monotonic()
+    done = 0
+    for done, item in enumerate(iterable, start=1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every_s or done == total:
+            rate = done / max(now - started, 1e-9)
+            eta = f", ETA {(total - done) / rate:.0f} s" if total and done < total else ""
+            log.info("%s: %d/%s (%.3g/s%s)", desc, done, total if total is not None else "?", rate, eta)
+            last = now
+
+
 class Tracker:
     """One run's metric sink. Only the main process writes; the others are silent."""
 
+    # Progress lines in a plain (non-terminal) log, at most this often.
+    PLAIN_PROGRESS_S = 30.0
+
     def __init__(self, run_dir: Path, cfg: LoggerConfig, config: dict, name: str, is_main: bool):
         self.is_main = is_main
+        self.plain_progress = cfg.progress_bars and is_main and not sys.stderr.isatty()
         self.progress_bars = cfg.progress_bars and is_main and sys.stderr.isatty()
         if not self.progress_bars:
             from transformers.utils import logging as hf_logging
@@ -94,6 +114,9 @@ class Tracker:
             self._wandb.summary.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
 
     def progress(self, iterable: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
+        """A bar on a terminal, log lines with rate and ETA in a plain log, nothing on other ranks."""
+        if self.plain_progress:
+            return logged_progress(iterable, total, desc, self.PLAIN_PROGRESS_S)
         return tqdm(iterable, total=total, desc=desc, disable=not self.progress_bars, leave=False)
 
     def close(self) -> None:

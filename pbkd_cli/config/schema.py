@@ -19,6 +19,7 @@ class Dtype(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
+    auto = "auto"  # bfloat16 on a GPU that supports it, float32 elsewhere (a CPU is slow in bf16)
 
 
 @dataclass

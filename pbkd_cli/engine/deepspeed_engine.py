@@ -20,6 +20,7 @@ import torch
 from pbkd_cli.config.schema import TrainerConfig
 from pbkd_cli.engine.distributed import distributed_context
 from pbkd_cli.io import PbkdError
+from pbkd_cli.models.factory import bf16_supported
 
 log = logging.getLogger("pbkd")
 
@@ -43,6 +44,13 @@ def inference_device() -> torch.device:
     return torch.device("cuda", ctx.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def resolve_precision(ds: dict[str, Any]) -> dict[str, Any]:
+    """`ds` with `bf16.enabled: auto` made true where `bf16_supported()`, false elsewhere."""
+    if str(ds.get("bf16", {}).get("enabled")).lower() != "auto":
+        return ds
+    return {**ds, "bf16": {**ds["bf16"], "enabled": bf16_supported()}}
+
+
 def deepspeed_config(ds: dict[str, Any], trainer: TrainerConfig, world_size: int | None = None) -> dict[str, Any]:
     """The user's DeepSpeed section completed with the batch arithmetic and clipping of `trainer`.
 
@@ -56,6 +64,7 @@ def deepspeed_config(ds: dict[str, Any], trainer: TrainerConfig, world_size: int
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in ds:
             raise PbkdError(f"deepspeed.{key}: set the batch through trainer.micro_batch_size / trainer.grad_accum")
+    ds = resolve_precision(ds)
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
         raise PbkdError("deepspeed.fp16.enabled: bf16 and fp16 cannot both be enabled")
     config = copy.deepcopy(dict(ds))
@@ -150,6 +159,7 @@ def build_frozen_engine(model: torch.nn.Module, ds: dict[str, Any]):
     """
     model.eval().requires_grad_(False)
     model.config.use_cache = False  # forward passes only; `generate` asks for its cache explicitly
+    ds = resolve_precision(ds)
     zero = dict(ds.get("zero_optimization", {}))
     if zero.get("stage", 0) != 3:
         return model.to(inference_device())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -294,3 +295,30 @@ def test_offline_wandb_run_is_continued_by_a_rerun_in_the_same_directory(tmp_pat
         tracker.close()
     assert ids[0] == ids[1] == (tmp_path / "wandb_run_id").read_text().strip()
     assert list((tmp_path / "wandb").glob(f"offline-run-*-{ids[0]}"))
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_auto_precision_is_bf16_only_where_the_device_computes_in_it(monkeypatch, supported):
+    from pbkd_cli.config.schema import Dtype
+    from pbkd_cli.engine import deepspeed_engine
+    from pbkd_cli.models import factory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: supported)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+    config = deepspeed_engine.deepspeed_config({"bf16": {"enabled": "auto"}}, TrainerConfig())
+    assert config["bf16"] == {"enabled": supported}
+    assert factory.torch_dtype(Dtype.auto) == (torch.bfloat16 if supported else torch.float32)
+    assert factory.torch_dtype(Dtype.bfloat16) == torch.bfloat16      # an explicit dtype is kept
+    assert deepspeed_engine.deepspeed_config({"bf16": {"enabled": True}}, TrainerConfig())["bf16"]["enabled"] is True
+
+
+def test_a_plain_log_shows_progress_with_rate_and_eta_at_most_every_interval(monkeypatch, caplog):
+    from pbkd_cli import tracking
+
+    clock = iter([0.0, 10.0, 31.0, 40.0, 62.0, 70.0])          # start, then one reading per item
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger="pbkd"):
+        assert list(tracking.logged_progress(range(5), 5, "sft", every_s=30)) == [0, 1, 2, 3, 4]
+    lines = [r.getMessage() for r in caplog.records]
+    # Items 2 (31 s) and 4 (62 s) cross the interval; item 5 is the end.
+    assert lines == ["sft: 2/5 (0.0645/s, ETA 46 s)", "sft: 4/5 (0.0645/s, ETA 16 s)", "sft: 5/5 (0.0714/s)"]
