@@ -26,6 +26,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _version(value: bool) -> None:
+    """`pbkd --version`: this package's version and git commit, and the versions of what it runs on."""
+    if not value:
+        return
+    from pbkd_cli.runner import git_commit, package_versions
+
+    versions = package_versions()
+    commit = git_commit()
+    typer.echo(f"pbkd {versions.pop('pbkd-cli')} (git {commit.get('commit') or 'unknown'}"
+               f"{', uncommitted changes' if commit.get('dirty') else ''})")
+    typer.echo(", ".join(f"{name} {version}" for name, version in versions.items() if version))
+    raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Show the version of pbkd and of the libraries it runs on, and exit.")) -> None:
+    """Preference-based knowledge distillation (PbKD) of language models."""
+
+
 _HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--config-name", "-cn",
                            "--config-dir", "-cd", "--experimental-rerun"}
 _HYDRA_FLAGS = {"--resolve", "--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc"}

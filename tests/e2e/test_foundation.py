@@ -29,6 +29,11 @@ def test_pipeline_with_the_paper_baselines_trains_dpkd_and_proxy_kd(workdir):
     assert proxy.model.student.name_or_path == str(run_dir / "vanilla_kd" / "model")
 
 
+def test_version_names_pbkd_its_commit_and_its_libraries(workdir):
+    out = ok(pbkd("--version", cwd=workdir)).stdout.splitlines()
+    assert out[0].startswith("pbkd 0.1.0 (git ") and "torch " in out[1] and "deepspeed " in out[1]
+
+
 def test_help_lists_every_stage(workdir):
     out = ok(pbkd("--help", cwd=workdir)).stdout
     for stage in ("sft", "collect-prefs", "train-rm", "dpo", "minmax", "online", "eval", "pipeline"):
