@@ -38,8 +38,10 @@ _UMASK = _read_umask()
 
 
 def honour_umask(path: str | Path, directory: bool = False) -> None:
-    """Give `path` (made by mkstemp / mkdtemp, which use 0600 / 0700) the mode a plain open or mkdir would."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+    """Give `path` (made by mkstemp / mkdtemp, which use 0600 / 0700) the mode a plain open or mkdir would.
+    A file system that keeps no modes (some network mounts) refuses chmod: the private mode then stays."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
 
 
 def path_component(name: str, key: str) -> str:
