@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,14 @@ def load_preferences(path: str | Path, what: str = "prefs.path") -> list[Prefere
     if not pairs:
         raise PbkdError(f"{what}={path}: no preference pairs")
     return pairs
+
+
+def split_heldout(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(held out, train): a seeded `fraction` of the pairs kept out of training, for the figures."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_heldout = int(len(pairs) * fraction)
+    return [pairs[i] for i in order[:n_heldout]], [pairs[i] for i in order[n_heldout:]]
 
 
 class PreferenceWriter:

@@ -15,12 +15,11 @@ Proxy-KD's alignment of its proxy to the teacher.
 from __future__ import annotations
 
 import copy
-import random
 
 import torch
 
 from pbkd_cli.config.schema import PbkdConfig
-from pbkd_cli.data.preferences import load_preferences
+from pbkd_cli.data.preferences import load_preferences, split_heldout
 from pbkd_cli.data.prompts import encode_pairs, fit_to_context, pair_examples
 from pbkd_cli.engine import build_engine, save_model
 from pbkd_cli.io import PbkdError
@@ -52,10 +51,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     pairs = load_preferences(c.prefs_path, "dpo.prefs_path")
     tokenizer, policy = load_lm(cfg, c.model.value)
     pairs, overlong = fit_to_context(pairs, pair_examples(pairs), cfg.data, tokenizer, "dpo pairs")
-    order = list(range(len(pairs)))
-    random.Random(cfg.seed).shuffle(order)
-    n_heldout = int(len(pairs) * c.heldout_fraction)
-    heldout, train = [pairs[i] for i in order[:n_heldout]], [pairs[i] for i in order[n_heldout:]]
+    heldout, train = split_heldout(pairs, c.heldout_fraction, cfg.seed)
     if not train:
         raise PbkdError(f"dpo.heldout_fraction={c.heldout_fraction}: no pair of {len(pairs)} is left to train on")
     pad, score_batch = tokenizer.pad_token_id, cfg.generation.batch_size

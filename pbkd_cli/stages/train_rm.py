@@ -10,10 +10,8 @@ on the offline preferences that the paper asks for before the white-box game.
 
 from __future__ import annotations
 
-import random
-
 from pbkd_cli.config.schema import PbkdConfig, Variant
-from pbkd_cli.data.preferences import load_preferences
+from pbkd_cli.data.preferences import load_preferences, split_heldout
 from pbkd_cli.data.prompts import collate, encode_pairs, fit_to_context, pair_examples
 from pbkd_cli.engine import build_engine, save_model
 from pbkd_cli.io import PbkdError
@@ -48,10 +46,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         tokenizer, rm = load_rm(cfg)
         reward = score
     pairs, overlong = fit_to_context(pairs, pair_examples(pairs), cfg.data, tokenizer, "train-rm pairs")
-    order = list(range(len(pairs)))
-    random.Random(cfg.seed).shuffle(order)
-    n_heldout = int(len(pairs) * cfg.train_rm.heldout_fraction)
-    heldout, train = [pairs[i] for i in order[:n_heldout]], [pairs[i] for i in order[n_heldout:]]
+    heldout, train = split_heldout(pairs, cfg.train_rm.heldout_fraction, cfg.seed)
     prompts, chosen, rejected = encode_pairs(train, cfg.data, tokenizer)
     pad = tokenizer.pad_token_id
     trainer = cfg.trainer

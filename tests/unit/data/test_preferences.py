@@ -70,3 +70,13 @@ def test_a_partial_file_shorter_than_its_commit_is_refused_not_padded(tmp_path):
     with pytest.raises(PbkdError, match="prefs.partial.jsonl: 10 bytes where prefs.commit.json committed"):
         PreferenceWriter(target)
     assert len(writer.path.read_bytes()) == 10
+
+
+def test_the_heldout_split_is_seeded_disjoint_and_complete():
+    from pbkd_cli.data.preferences import split_heldout
+
+    items = list(range(50))
+    heldout, train = split_heldout(items, 0.2, seed=3)
+    assert len(heldout) == 10 and sorted(heldout + train) == items
+    assert split_heldout(items, 0.2, seed=3) == (heldout, train) != split_heldout(items, 0.2, seed=4)
+    assert split_heldout(items, 0.0, seed=3)[0] == [] and len(split_heldout(items, 0.0, seed=3)[1]) == 50
