@@ -351,6 +351,9 @@ class DPOConfig:
     loss: PreferenceLoss = PreferenceLoss.sigmoid
     beta: float = 0.1
     label_smoothing: float = 0.0
+    # Weight of the chosen answers' per-token NLL added to the loss (RPO; TRL's rpo_alpha). The margin
+    # alone also rises when both log-probs fall, which on small models unlearns the chosen answers too.
+    sft_weight: float = 0.0
     # Pairs held out (seeded) to report how often the implicit reward ranks them right.
     heldout_fraction: float = 0.1
 
@@ -528,7 +531,7 @@ RANGES: Dict[str, tuple] = {
         "data.train_limit", "data.test_limit", "sft.teacher_temperature",
         "sft.kd.ce_weight", "eval.temperature", "collect_prefs.temperature", "collect_prefs.prompt_offset",
         "minmax.prompt_offset", "minmax.teacher_temperature", "minmax.beta", "minmax.reward_l2", "minmax.rm_lr",
-        "minmax.negative_weight", "minmax.kl_coef", "minmax.eval_every")},
+        "minmax.negative_weight", "minmax.kl_coef", "minmax.eval_every", "dpo.sft_weight")},
     **{key: (0, None, False, False) for key in (
         "sft.kd.temperature", "sft.kd.on_policy_temperature", "minmax.temperature", "minmax.clip_eps",
         "dpo.beta")},

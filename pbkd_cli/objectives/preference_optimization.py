@@ -10,6 +10,9 @@ over `[N]` summed response log-probabilities of the chosen (`y_w`) and rejected 
            probability ε);
   ipo      (h − 1/(2β))²: IPO (Azar et al. 2023), which does not drive h to infinity on pairs it can
            already separate.
+Either can add `sft_weight` times the chosen responses' per-token NLL (RPO, Pang et al. 2024; TRL's
+`rpo_alpha`): the margin alone is raised as well by lowering both log-probs, which on small models
+unlearns the chosen answers too.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from pbkd_cli.objectives.policy_gradient import sequence_logprobs
 
 def preference_optimization_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                                  reference_chosen: torch.Tensor, reference_rejected: torch.Tensor, *,
-                                 beta: float, loss: str = "sigmoid",
-                                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                                 beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0,
+                                 sft_weight: float = 0.0, chosen_tokens: torch.Tensor | None = None,
+                                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean loss over the N pairs, and figures: the implicit rewards of chosen and rejected responses
-    (`β` times their log-ratios), their margin, and how often the chosen one's is higher."""
+    (`β` times their log-ratios), their margin, and how often the chosen one's is higher. With
+    `sft_weight`, `chosen_tokens` (`[N]`, the chosen responses' lengths) gives the NLL per token."""
     chosen_ratio = policy_chosen - reference_chosen
     rejected_ratio = policy_rejected - reference_rejected
     margin = chosen_ratio - rejected_ratio
@@ -35,9 +40,19 @@ def preference_optimization_loss(policy_chosen: torch.Tensor, policy_rejected: t
         losses = (margin - 1 / (2 * beta)).square()
     else:
         raise ValueError(f"unknown preference loss {loss!r}")
+    total = losses.mean()
+    figures = {}
+    if sft_weight:
+        if chosen_tokens is None:
+            raise ValueError("sft_weight needs chosen_tokens, the chosen responses' lengths")
+        chosen_nll = -policy_chosen.sum() / chosen_tokens.sum().clamp_min(1)
+        total = total + sft_weight * chosen_nll
+        figures["chosen_nll"] = chosen_nll.item()
     chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-    return losses.mean(), {
-        "loss": losses.mean().item(),
+    return total, {
+        "loss": total.item(),
+        "preference_loss": losses.mean().item(),
+        **figures,
         "chosen_reward": chosen_reward.mean().item(),
         "rejected_reward": rejected_reward.mean().item(),
         "reward_margin": (chosen_reward - rejected_reward).mean().item(),

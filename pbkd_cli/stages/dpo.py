@@ -5,7 +5,8 @@
 1. pi_ref is the policy as it starts (`dpo.model`'s weights); the log-probs it gives every pair's
    responses are computed once, before training, and the copy is freed;
 2. each step: the policy's log-probs of a minibatch of pairs, the loss of their margins
-   (`objectives.preference_optimization`), one optimiser step;
+   (`objectives.preference_optimization`; `sft_weight` adds the chosen answers' NLL, RPO), one
+   optimiser step;
 3. on the held-out pairs: how often the implicit reward beta * log(pi/pi_ref) ranks chosen over rejected.
 Pairs follow TRL's convention (prompt / chosen / rejected; `collect-prefs` writes them). In the
 pipeline it is DPKD's preference stage (the teacher's answers preferred over the student's) and
@@ -36,6 +37,10 @@ def pair_logprobs(model, prompts, chosen, rejected, idx, pad_id, device) -> tupl
     return response_logprob_sums(logits, batch.input_ids, batch.response_mask).chunk(2)
 
 
+def lengths(responses: list[list[int]]) -> torch.Tensor:
+    return torch.tensor([len(r) for r in responses], dtype=torch.float32)
+
+
 @torch.no_grad()
 def all_pair_logprobs(model, prompts, chosen, rejected, pad_id, batch_size, device) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
@@ -56,6 +61,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         raise PbkdError(f"dpo.heldout_fraction={c.heldout_fraction}: no pair of {len(pairs)} is left to train on")
     pad, score_batch = tokenizer.pad_token_id, cfg.generation.batch_size
     train_ids = encode_pairs(train, cfg.data, tokenizer)
+    chosen_tokens = lengths(train_ids[1])
     heldout_ids = encode_pairs(heldout, cfg.data, tokenizer) if heldout else None
 
     # 1. The reference: the policy as it starts, scored once on every pair (then freed).
@@ -81,7 +87,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
             chosen, rejected = pair_logprobs(engine, *train_ids, idx, pad, engine.device)
             loss, figures = preference_optimization_loss(
                 chosen, rejected, ref_train[0][idx].to(chosen), ref_train[1][idx].to(chosen),
-                beta=c.beta, loss=c.loss.value, label_smoothing=c.label_smoothing)
+                beta=c.beta, loss=c.loss.value, label_smoothing=c.label_smoothing,
+                sft_weight=c.sft_weight, chosen_tokens=chosen_tokens[idx].to(chosen))
             checkpoints.require_finite(loss.item(), step)
             engine.backward(loss)
             engine.step()
@@ -103,7 +110,9 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         # 3. The implicit reward on pairs it never trained on.
         chosen, rejected = all_pair_logprobs(engine.module, *heldout_ids, pad, score_batch, engine.device)
         _, held = preference_optimization_loss(chosen, rejected, *ref_heldout, beta=c.beta, loss=c.loss.value,
-                                               label_smoothing=c.label_smoothing)
+                                               label_smoothing=c.label_smoothing, sft_weight=c.sft_weight,
+                                               chosen_tokens=lengths(heldout_ids[1]))
         summary.update(heldout_reward_accuracy=round(held["reward_accuracy"], 6),
-                       heldout_reward_margin=round(held["reward_margin"], 6))
+                       heldout_reward_margin=round(held["reward_margin"], 6),
+                       heldout_chosen_logprob_change=round(held["chosen_reward"] / c.beta, 6))
     return summary

@@ -94,3 +94,16 @@ def test_a_policy_trained_on_pairs_moves_probability_from_rejected_to_chosen(los
     assert moved[1] > 0.3 and moved[4] < -0.3
     if loss == "ipo":   # IPO stops at margin 1/(2β) = 1 instead of pushing on
         assert (moved[1] - moved[4]).item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_chosen_answers_nll_is_added_per_token_with_its_weight():
+    pc, pr, rc, rr = pair([-2.0, -6.0], [-3.0, -7.0], [-2.0, -6.0], [-3.0, -7.0])     # at the reference
+    tokens = torch.tensor([4.0, 4.0], dtype=torch.float64)
+    loss, figures = preference_optimization_loss(pc, pr, rc, rr, beta=0.1, sft_weight=0.5, chosen_tokens=tokens)
+    assert figures["chosen_nll"] == pytest.approx(8 / 8) and figures["preference_loss"] == pytest.approx(math.log(2))
+    assert loss.item() == pytest.approx(math.log(2) + 0.5 * 1.0, rel=1e-12)
+    loss.backward()
+    # The NLL's gradient raises both chosen answers (weight / total tokens each), on top of the DPO push.
+    assert pc.grad.tolist() == pytest.approx([-0.1 * 0.5 / 2 - 0.5 / 8] * 2)
+    with pytest.raises(ValueError, match="sft_weight needs chosen_tokens"):
+        preference_optimization_loss(pc, pr, rc, rr, beta=0.1, sft_weight=0.5)
