@@ -16,6 +16,7 @@ Proxy-KD's alignment of its proxy to the teacher.
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 
@@ -28,6 +29,8 @@ from pbkd_cli.objectives.preference_optimization import preference_optimization_
 from pbkd_cli.runner import Run
 from pbkd_cli.stages._shared import Minibatches, load_lm
 from pbkd_cli.stages.train_rm import pair_batch
+
+log = logging.getLogger("pbkd")
 
 
 def pair_logprobs(model, prompts, chosen, rejected, idx, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +62,10 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     heldout, train = split_heldout(pairs, c.heldout_fraction, cfg.seed)
     if not train:
         raise PbkdError(f"dpo.heldout_fraction={c.heldout_fraction}: no pair of {len(pairs)} is left to train on")
+    identical = sum(p.chosen == p.rejected for p in train)
+    if identical:
+        # teacher_preferred pairs a teacher answer with the student's even where both wrote the same.
+        log.warning("dpo: %d of %d training pairs have chosen == rejected and carry no signal", identical, len(train))
     pad, score_batch = tokenizer.pad_token_id, cfg.generation.batch_size
     train_ids = encode_pairs(train, cfg.data, tokenizer)
     chosen_tokens = lengths(train_ids[1])
@@ -99,7 +106,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     save_model(engine, tokenizer, run.dir / "model")
     summary = {
         "model": c.model.value, "prefs_path": str(c.prefs_path), "loss": c.loss.value, "beta": c.beta,
-        "train_pairs": len(train), "heldout_pairs": len(heldout), "overlong_prompts": overlong,
+        "train_pairs": len(train), "identical_pairs": identical, "heldout_pairs": len(heldout),
+        "overlong_prompts": overlong,
         "steps": trainer.max_steps,
         # The budget a compute-matched baseline gets: each pair trains on two sequences.
         "train_sequences": 2 * trainer.max_steps * engine.train_batch_size(),

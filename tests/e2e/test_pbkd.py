@@ -96,6 +96,8 @@ def test_dpo_moves_the_policy_towards_the_chosen_answers(workdir, prefs):
     assert metrics[-1]["dpo/loss"] < 0.5 and metrics[-1]["dpo/reward_margin"] > 0.5
     result = summary(run_dir)
     assert result["train_pairs"] + result["heldout_pairs"] == 48 and result["train_sequences"] == 2 * 12 * 8
+    pairs = load_preferences(prefs / "prefs.jsonl")
+    assert 0 <= result["identical_pairs"] <= sum(p.chosen == p.rejected for p in pairs)
     # The teacher's answers differ from the untrained student's in ways a held-out pair shares.
     assert result["heldout_reward_accuracy"] > 0.5
     from transformers import AutoModelForCausalLM
