@@ -137,3 +137,20 @@ def test_a_local_data_file_the_task_would_ignore_is_one_line(key):
 def test_a_tiny_architecture_that_cannot_be_built_is_one_line_before_any_model_loads(override, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         plan_jobs("sft", ["+exp=demo", override], multirun=False)
+
+
+def test_two_processes_started_in_the_same_second_get_their_own_default_run_directories():
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from pbkd_cli.config.compose import CONF_DIR
+
+    # The default run directory is the second it started plus a tag drawn once per process.
+    hydra_run = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))["hydra"]["run"]["dir"]
+    assert hydra_run.endswith("${now:%Y-%m-%d_%H-%M-%S}_${pbkd_run_id:}")
+    tag = "from omegaconf import OmegaConf; import pbkd_cli.config.compose; print(OmegaConf.create({'t': '${pbkd_run_id:}'}).t)"
+    tags = [subprocess.run([sys.executable, "-c", tag], capture_output=True, text=True, check=True).stdout.strip()
+            for _ in range(2)]
+    assert len(tags[0]) == 6 and tags[0] != tags[1]
