@@ -98,7 +98,7 @@ def _shared_run_dir(stage: str, overrides: list[str], multirun: bool) -> list[st
     return [*overrides, f"hydra.run.dir=outputs/{stage}/{name}"]
 
 
-def check_run_dir(overrides: list[str], multirun: bool) -> None:
+def require_creatable_run_dir(overrides: list[str], multirun: bool) -> None:
     """A run directory that is a file, or under a directory this process cannot write to, is a one-line
     error before anything loads (Hydra would fail creating it, with a traceback)."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -116,7 +116,7 @@ def check_run_dir(overrides: list[str], multirun: bool) -> None:
 def _launch(stage: str, args: list[str], multirun: bool) -> None:
     flags, overrides = _split_args(args)
     try:
-        check_run_dir(overrides, multirun)
+        require_creatable_run_dir(overrides, multirun)
         overrides = _shared_run_dir(stage, overrides, multirun)
         planned = plan_jobs(stage, overrides, multirun)
         if multirun and any(f.split("=", 1)[0] in ("--cfg", "-c", "--info") for f in flags):

@@ -548,11 +548,23 @@ RANGES: Dict[str, tuple] = {
 def contradiction(cfg: "PbkdConfig") -> str | None:
     """The first `key=value: why` of `cfg` that another setting makes meaningless, or None: a value the
     run would silently ignore is a mistake to hear about before any job starts."""
+    data = cfg.data
+    for key in ("train_path", "test_path"):
+        value = getattr(data, key)
+        if value is not None and data.task != TaskName.gsm8k:
+            return (f"data.{key}={value}: only data.task=gsm8k reads a local file "
+                    f"(data.task={data.task.value} generates its examples; set data=gsm8k)")
+    return None
+
+
+def unbuildable_model(cfg: "PbkdConfig") -> str | None:
+    """The first `key=value: why` of a tiny architecture (a model built from scratch) that transformers
+    could not build, or None: found at config time, not as a traceback after the data loads."""
     for role in ("teacher", "student", "rm"):
-        tiny = getattr(cfg.model, role).tiny
-        key = f"model.{role}.tiny"
-        if tiny is None or getattr(cfg.model, role).name_or_path is not None:
+        model, key = getattr(cfg.model, role), f"model.{role}.tiny"
+        if model.tiny is None or model.name_or_path is not None:
             continue
+        tiny = model.tiny
         for name, value in vars(tiny).items():
             if value < 1:
                 return f"{key}.{name}={value}: must be >= 1"
@@ -562,12 +574,6 @@ def contradiction(cfg: "PbkdConfig") -> str | None:
         if tiny.num_attention_heads % tiny.num_key_value_heads:
             return (f"{key}.num_attention_heads={tiny.num_attention_heads}: must be a multiple of "
                     f"{key}.num_key_value_heads={tiny.num_key_value_heads}")
-    data = cfg.data
-    for key in ("train_path", "test_path"):
-        value = getattr(data, key)
-        if value is not None and data.task != TaskName.gsm8k:
-            return (f"data.{key}={value}: only data.task=gsm8k reads a local file "
-                    f"(data.task={data.task.value} generates its examples; set data=gsm8k)")
     return None
 
 

@@ -13,8 +13,8 @@ A step directory is written under a temporary name and renamed once every rank h
 previous checkpoint in charge. DeepSpeed's files are pickles, and unpickling runs code: resuming
 first checks every file against the manifest written when it was saved and refuses a checkpoint
 with a changed, missing or extra file (RNG states load weights-only, the loop's state is JSON).
-SIGTERM and SIGUSR1 (SLURM's pre-emption warnings) do not kill the
-loop: it finishes the current step, saves, and stops with `Preempted`.
+SIGTERM and SIGUSR1 (SLURM's pre-emption warnings) do not kill the loop: it finishes the current
+step, saves, and stops with `Preempted`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pbkd_cli.cli import _shared_run_dir, check_run_dir, one_line_exit
+from pbkd_cli.cli import _shared_run_dir, one_line_exit, require_creatable_run_dir
 from pbkd_cli.config.compose import ConfigError
 from pbkd_cli.config.schema import LoggerConfig, TrainerConfig, WandbMode
 from pbkd_cli.engine.checkpoint import Checkpoints, Preempted
@@ -261,15 +261,15 @@ def test_user_facing_failures_become_one_line_and_bugs_do_not():
 
 def test_a_run_directory_that_cannot_be_made_is_one_line_before_anything_loads(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("x")
-    check_run_dir([f"hydra.run.dir={tmp_path / 'new' / 'run'}"], multirun=False)      # made later: fine
+    require_creatable_run_dir([f"hydra.run.dir={tmp_path / 'new' / 'run'}"], multirun=False)      # made later: fine
     with pytest.raises(ConfigError, match=f"^hydra.run.dir={tmp_path / 'afile'}: is a file, not a directory$"):
-        check_run_dir([f"hydra.run.dir={tmp_path / 'afile'}"], multirun=False)
+        require_creatable_run_dir([f"hydra.run.dir={tmp_path / 'afile'}"], multirun=False)
     with pytest.raises(ConfigError, match=f"^hydra.sweep.dir=.*: {tmp_path / 'afile'} is a file, not a directory$"):
-        check_run_dir([f"hydra.sweep.dir={tmp_path / 'afile' / 'sweep'}"], multirun=True)
+        require_creatable_run_dir([f"hydra.sweep.dir={tmp_path / 'afile' / 'sweep'}"], multirun=True)
     # Root writes anywhere, so the permission check is exercised through what os.access answers.
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(ConfigError, match=f"cannot write in {tmp_path} \\(read-only or no permission\\)$"):
-        check_run_dir([f"hydra.run.dir={tmp_path / 'run'}"], multirun=False)
+        require_creatable_run_dir([f"hydra.run.dir={tmp_path / 'run'}"], multirun=False)
 
 
 def test_rewind_drops_the_rows_logged_after_the_checkpoint(tmp_path):
