@@ -29,6 +29,14 @@ def test_pipeline_with_the_paper_baselines_trains_dpkd_and_proxy_kd(workdir):
     assert proxy.model.student.name_or_path == str(run_dir / "vanilla_kd" / "model")
 
 
+def test_a_run_directory_that_is_a_file_is_one_line_before_anything_loads(workdir):
+    (workdir / "not_a_dir").write_text("x")
+    result = pbkd("eval", *TINY, "hydra.run.dir=not_a_dir", cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: hydra.run.dir=not_a_dir: is a file, not a directory"
+    assert (workdir / "not_a_dir").read_text() == "x"
+
+
 def test_version_names_pbkd_its_commit_and_its_libraries(workdir):
     out = ok(pbkd("--version", cwd=workdir)).stdout.splitlines()
     assert out[0].startswith("pbkd 0.1.0 (git ") and "torch " in out[1] and "deepspeed " in out[1]
