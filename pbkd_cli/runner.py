@@ -141,6 +141,17 @@ class Run:
         self._checkpoints.append(checkpoints)
         return checkpoints
 
+    def resumable_steps(self, desc: str, total: int, batches=None, **engines):
+        """A training loop of `total` steps over `engines`: its checkpoints, the loop state the newest
+        one saved ({} for a fresh run; `batches`, a `Minibatches`, is put back where it was), and the
+        step numbers left to run, 1-based, with progress."""
+        checkpoints = self.checkpoints(**engines)
+        resumed = checkpoints.restore()
+        if resumed and batches is not None:
+            batches.load_state_dict(resumed["batches"])
+        first = resumed.get("step", 0) + 1
+        return checkpoints, resumed, self.tracker.progress(range(first, total + 1), total=total - first + 1, desc=desc)
+
     def finish(self, summary: dict[str, Any]) -> None:
         """Write `summary.json`: the run's figures, deterministic for a given config and seed."""
         if self.is_main:
@@ -181,3 +192,30 @@ def run_stage(cfg: PbkdConfig, run_dir: Path, overrides: list[str]) -> dict[str,
     if dist.is_main:
         log.info("%s done: %s", cfg.stage, json.dumps(summary, default=str)[:500])
     return summary
+
+
+class Steps:
+    """How stages that run other stages (`pipeline`, `online`) run them.
+
+    A step is an ordinary stage run in a subdirectory: its config is composed exactly as
+    `pbkd <stage>` would compose it (the parent run's overrides, the experiment's
+    `stage_overrides[<key>]`), plus the wiring that points it at earlier steps' artefacts. A step whose
+    `summary.json` exists is not run again, so a parent that died resumes at the step it was in.
+    """
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.parent_overrides = [o for o in run.overrides if not o.startswith("stage=")]
+
+    def __call__(self, name: str, stage: str, wiring: list[str] = (), overrides_key: str | None = None) -> dict:
+        from pbkd_cli.config.compose import compose, to_typed, with_stage_overrides
+        from pbkd_cli.engine.distributed import barrier
+
+        step_dir = self.run.dir / name
+        barrier()  # every rank sees the same steps as done
+        if (step_dir / "summary.json").exists():
+            log.info("%s: step %s already done, reusing %s", self.run.cfg.stage, name, step_dir)
+            return json.loads((step_dir / "summary.json").read_text())
+        overrides = with_stage_overrides(stage, self.parent_overrides, step=overrides_key or name) + list(wiring)
+        log.info("%s: step %s (%s) %s", self.run.cfg.stage, name, stage, " ".join(overrides))
+        return run_stage(to_typed(compose(overrides)), step_dir, overrides)

@@ -23,7 +23,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pbkd_cli.config.schema import PbkdConfig, contradiction, out_of_range, unbuildable_model
+from pbkd_cli.config.schema import PbkdConfig, contradiction, out_of_range, unbuildable_model, unplayable_game
 
 CONF_DIR = Path(os.environ.get("PBKD_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
 
@@ -101,7 +101,7 @@ def to_typed(cfg: DictConfig) -> PbkdConfig:
         typed = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from exc
-    bad = out_of_range(typed) or unbuildable_model(typed) or contradiction(typed)
+    bad = out_of_range(typed) or unbuildable_model(typed) or contradiction(typed) or unplayable_game(typed)
     if bad:
         raise ConfigError(bad)
     return typed

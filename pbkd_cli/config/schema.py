@@ -449,6 +449,28 @@ class MinMaxConfig:
     eval_prompts: int = 200
     white_box: WhiteBoxConfig = field(default_factory=WhiteBoxConfig)
 
+    # The game's batch arithmetic, from these settings alone (the game's engines are built from it).
+    def group_size(self) -> int:
+        """Responses per prompt in the student step: its own samples, and the teacher's answers when
+        they join the group."""
+        return self.samples_per_prompt + (self.teacher_samples_per_prompt if self.teacher_in_group else 0)
+
+    def rollouts(self) -> int:
+        """Rollouts of one iteration's student step."""
+        return self.prompts_per_iteration * self.group_size()
+
+    def updates_per_epoch(self) -> int:
+        """Optimiser steps of the student per pass over an iteration's rollouts."""
+        return self.rollouts() // (self.rollouts_per_update or self.rollouts())
+
+    def student_train_sequences(self) -> int:
+        """The game's budget for a compute-matched baseline: sequences the student is trained on."""
+        return self.iterations * self.rollouts() * self.ppo_epochs
+
+    def student_samples(self) -> int:
+        """Sequences the student samples over the game (`oversample` times those it trains on per epoch)."""
+        return self.iterations * self.prompts_per_iteration * self.oversample * self.samples_per_prompt
+
 
 @dataclass
 class OnlineConfig:
@@ -545,15 +567,58 @@ RANGES: Dict[str, tuple] = {
 }
 
 
+# The steps of `pipeline` and `online` (stages/pipeline.py, stages/online.py) whose own
+# `stage_overrides[<step>]` apply on top of their stage's; an evaluation step is `eval/<method>`.
+STEP_NAMES = ("teacher", "vanilla_kd", "vanilla_kd_budget", "kd_fkl", "kd_rkl", "rl_correctness", "offline_prefs",
+              "train_q", "gad", "pbkd_offline", "pbkd_online", "dpkd_prefs", "dpkd", "proxy_kd",
+              "online/collect_prefs", "online/train_rm", "online/train_q", "online/minmax")
+STAGE_NAMES = ("sft", "collect_prefs", "train_rm", "dpo", "minmax", "online", "eval", "pipeline")
+
+
 def contradiction(cfg: "PbkdConfig") -> str | None:
     """The first `key=value: why` of `cfg` that another setting makes meaningless, or None: a value the
     run would silently ignore is a mistake to hear about before any job starts."""
+    for key in cfg.stage_overrides:
+        if key not in STAGE_NAMES and key not in STEP_NAMES and not key.startswith("eval/"):
+            return (f"stage_overrides.{key}: no stage or pipeline step has this name (stages: "
+                    f"{', '.join(STAGE_NAMES)}; steps: {', '.join(STEP_NAMES)})")
     data = cfg.data
     for key in ("train_path", "test_path"):
         value = getattr(data, key)
         if value is not None and data.task != TaskName.gsm8k:
             return (f"data.{key}={value}: only data.task=gsm8k reads a local file "
                     f"(data.task={data.task.value} generates its examples; set data=gsm8k)")
+    return None
+
+
+def unplayable_game(cfg: "PbkdConfig") -> str | None:
+    """The first `key=value: why` of a `minmax` run's settings that cannot make a game, or None."""
+    if cfg.stage != "minmax":
+        return None
+    c, micro = cfg.minmax, cfg.trainer.micro_batch_size
+    mm_pbkd = cfg.variant == Variant.white_box and c.reward == GameReward.rm
+    per_update = c.rollouts_per_update or c.rollouts()
+    if c.rollouts() % per_update or per_update % micro:
+        return (f"minmax.rollouts_per_update={per_update}: must divide the iteration's rollouts "
+                f"(prompts_per_iteration x {c.group_size()} responses per group = {c.rollouts()}) and be a "
+                f"multiple of trainer.micro_batch_size={micro}")
+    if c.oversample > 1 and mm_pbkd:
+        return (f"minmax.oversample={c.oversample}: MM PbKD trains on every prompt it samples; "
+                "oversampling is for the black-box game and its RL control")
+    if c.teacher_in_group and mm_pbkd:
+        return ("minmax.teacher_in_group=true: MM PbKD's student step is on its own samples; the "
+                "teacher's answers join the groups of the black-box game and its RL control")
+    if c.distrusted_fraction > 0 and not (c.teacher_in_group and c.oversample > 1):
+        return (f"minmax.distrusted_fraction={c.distrusted_fraction}: it orders the oversampled pool by the "
+                "teacher's answers' reward; set minmax.teacher_in_group=true and minmax.oversample > 1")
+    if c.teacher_temperature == 0 and c.teacher_samples_per_prompt != 1:
+        return (f"minmax.teacher_samples_per_prompt={c.teacher_samples_per_prompt}: greedy teacher "
+                "answers (minmax.teacher_temperature=0) give one per prompt")
+    if cfg.trainer.grad_accum != 1 or cfg.trainer.global_batch_size is not None:
+        key, value = (("trainer.grad_accum", cfg.trainer.grad_accum) if cfg.trainer.grad_accum != 1
+                      else ("trainer.global_batch_size", cfg.trainer.global_batch_size))
+        return (f"{key}={value}: the game's student batch is minmax.rollouts_per_update "
+                f"({per_update} rollouts = {per_update // micro} micro-batches of trainer.micro_batch_size={micro})")
     return None
 
 

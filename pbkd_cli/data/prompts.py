@@ -90,6 +90,9 @@ class TokenBatch:
     def to(self, device: torch.device) -> "TokenBatch":
         return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.response_mask)))
 
+    def rows(self, rows: slice) -> "TokenBatch":
+        return TokenBatch(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows])
+
 
 def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> TokenBatch:
     length = max(len(p) + len(r) for p, r in zip(prompts, responses))
@@ -102,6 +105,12 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
         attention_mask[row, : n + m] = 1
         response_mask[row, n : n + m] = 1
     return TokenBatch(input_ids, attention_mask, response_mask)
+
+
+def pair_batch(prompts, chosen, rejected, idx, pad_id) -> TokenBatch:
+    """Chosen rows then rejected rows of the same prompts, in one padded batch."""
+    rows = [prompts[i] for i in idx]
+    return collate(rows + rows, [chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id)
 
 
 def pair_examples(pairs) -> list[Example]:

@@ -34,6 +34,7 @@ def _deepspeed():
         # The shm collective is JIT-compiled with gcc on first use; gloo needs no build step.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
+        distributed_context()  # the launcher variables DeepSpeed reads, filled in for a plain process
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    verbose=False)
     return deepspeed

@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 
 from pbkd_cli.config.schema import ModelConfig, RewardPooling
+from pbkd_cli.data.prompts import collate
 from pbkd_cli.models.factory import _check_local, _tiny_llama_config, from_pretrained
+from pbkd_cli.models.logits import next_token_logits, next_token_probs
+from pbkd_cli.objectives.moment_matching import implied_rewards
 from pbkd_cli.objectives.policy_gradient import sequence_logprobs
 
 
@@ -77,3 +80,31 @@ def score(model, batch) -> torch.Tensor:
     per_token = module.score(hidden).squeeze(-1).float()
     mask = batch.response_mask.to(per_token.dtype)
     return (per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+class ImpliedRewards:
+    """`r_Q(x, τ) = Σ_h Q(s_h, a_h) − γ Σ_a πE(a|s_{h+1}) Q(s_{h+1}, a)` of each row of a batch: the
+    sequence reward MM PbKD's Q-function (a causal LM whose logits are `Q(s, .)` over the teacher's
+    vocabulary) stands for, scored like a reward model (`rewards(q_model, batch)`)."""
+
+    def __init__(self, teacher, vocab_size: int, gamma: float):
+        self.teacher, self.vocab_size, self.gamma = teacher, vocab_size, gamma
+
+    def __call__(self, q_model, batch) -> torch.Tensor:
+        q_values = next_token_logits(q_model, batch, self.vocab_size)
+        probs = next_token_probs(self.teacher, batch, self.vocab_size)
+        return implied_rewards(q_values, probs, batch.input_ids[:, 1:], batch.response_mask[:, 1:],
+                               self.gamma).float()
+
+
+@torch.no_grad()
+def batched_rewards(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                    batch_size: int, reward=score) -> torch.Tensor:
+    """Rewards of many (prompt, response) rows without building a graph; `reward(model, batch)` is the
+    scalar RM's `score` or a Q-function's `ImpliedRewards`."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = collate(prompts[start:start + batch_size], responses[start:start + batch_size], pad_id).to(device)
+        out.append(reward(model, batch).cpu())
+    return torch.cat(out) if out else torch.zeros(0)

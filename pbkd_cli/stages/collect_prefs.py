@@ -20,9 +20,9 @@ from pbkd_cli.data.preferences import PreferencePair, PreferenceWriter
 from pbkd_cli.data.prompts import fit_to_context
 from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import gather, reduce_metrics, seed_everything, shard
+from pbkd_cli.generation.sampler import ResponseSampler, endpoint
 from pbkd_cli.io import PbkdError
 from pbkd_cli.runner import Run
-from pbkd_cli.stages._shared import ResponseSampler, endpoint
 
 log = logging.getLogger("pbkd")
 

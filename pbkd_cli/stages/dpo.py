@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Callable
 
 import torch
 
-from pbkd_cli.config.schema import PbkdConfig
+from pbkd_cli.config.schema import DPOConfig, PbkdConfig
 from pbkd_cli.data.preferences import load_preferences, split_heldout
-from pbkd_cli.data.prompts import encode_pairs, fit_to_context, pair_examples
+from pbkd_cli.data.minibatches import Minibatches
+from pbkd_cli.data.prompts import encode_pairs, fit_to_context, pair_batch, pair_examples
 from pbkd_cli.engine import build_engine, save_model
 from pbkd_cli.io import PbkdError
+from pbkd_cli.models.roles import load_lm
 from pbkd_cli.objectives.preference_optimization import preference_optimization_loss, response_logprob_sums
 from pbkd_cli.runner import Run
-from pbkd_cli.stages._shared import Minibatches, load_lm
-from pbkd_cli.stages.train_rm import pair_batch
 
 log = logging.getLogger("pbkd")
 
@@ -50,6 +51,22 @@ def all_pair_logprobs(model, prompts, chosen, rejected, pad_id, batch_size, devi
     parts = [pair_logprobs(model, prompts, chosen, rejected, list(range(start, min(start + batch_size, len(prompts)))),
                            pad_id, device) for start in range(0, len(prompts), batch_size)]
     return torch.cat([c for c, _ in parts]).cpu(), torch.cat([r for _, r in parts]).cpu()
+
+
+def dpo_step(engine, c: DPOConfig, pairs, idx: list[int], reference, chosen_tokens: torch.Tensor, pad_id: int,
+             require_finite: Callable[[float], None]) -> dict[str, float]:
+    """The stage's step on the pairs `idx` of `pairs` (prompt, chosen, rejected ids): the preference-
+    optimisation loss of their log-probabilities against the reference's (`reference`: chosen, rejected
+    log-probs of every pair), backward, then the engine's step. Returns its figures."""
+    chosen, rejected = pair_logprobs(engine, *pairs, idx, pad_id, engine.device)
+    loss, figures = preference_optimization_loss(
+        chosen, rejected, reference[0][idx].to(chosen), reference[1][idx].to(chosen),
+        beta=c.beta, loss=c.loss.value, label_smoothing=c.label_smoothing,
+        sft_weight=c.sft_weight, chosen_tokens=chosen_tokens[idx].to(chosen))
+    require_finite(loss.item())
+    engine.backward(loss)
+    engine.step()
+    return figures
 
 
 def run(cfg: PbkdConfig, run: Run) -> dict:
@@ -80,25 +97,13 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     del reference
 
     batches = Minibatches(len(train), min(trainer.micro_batch_size, len(train)), cfg.seed)
-    checkpoints = run.checkpoints(policy=engine)
-    resumed = checkpoints.restore()
-    if resumed:
-        batches.load_state_dict(resumed["batches"])
-    first = resumed.get("step", 0) + 1
+    checkpoints, _, steps = run.resumable_steps("dpo", trainer.max_steps, batches, policy=engine)
     figures = {}
     # 2. Steps on the margins of minibatches of pairs.
-    for step in run.tracker.progress(range(first, trainer.max_steps + 1), total=trainer.max_steps - first + 1,
-                                     desc="dpo"):
+    for step in steps:
         for _ in range(trainer.grad_accum):
-            idx = next(batches)
-            chosen, rejected = pair_logprobs(engine, *train_ids, idx, pad, engine.device)
-            loss, figures = preference_optimization_loss(
-                chosen, rejected, ref_train[0][idx].to(chosen), ref_train[1][idx].to(chosen),
-                beta=c.beta, loss=c.loss.value, label_smoothing=c.label_smoothing,
-                sft_weight=c.sft_weight, chosen_tokens=chosen_tokens[idx].to(chosen))
-            checkpoints.require_finite(loss.item(), step)
-            engine.backward(loss)
-            engine.step()
+            figures = dpo_step(engine, c, train_ids, next(batches), ref_train, chosen_tokens, pad,
+                               lambda value: checkpoints.require_finite(value, step))
         if step % trainer.log_every == 0 or step == trainer.max_steps:
             run.tracker.log({**figures, "lr": engine.get_lr()[0]}, step, prefix="dpo/")
         checkpoints.step_done(step, lambda: {"step": step, "batches": batches.state_dict()})

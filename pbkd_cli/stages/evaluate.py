@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,12 +22,12 @@ from pbkd_cli.data.gsm8k import extract_answer
 from pbkd_cli.data.prompts import collate, encode_prompts, fit_to_context
 from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import gather, inference_device, shard
-from pbkd_cli.generation import generate
+from pbkd_cli.generation.sampler import load_sampling_model
 from pbkd_cli.io import PbkdError, atomic_write_text, path_component, write_jsonl
+from pbkd_cli.models.roles import load_lm
 from pbkd_cli.objectives.policy_gradient import sequence_logprobs
 from pbkd_cli.objectives.scoring import multiple_choice_figures, rouge_l
 from pbkd_cli.runner import Run
-from pbkd_cli.stages._shared import load_lm, load_sampling_model
 
 # The figures of each kind that go into the comparison table.
 HEADLINE = {BenchmarkKind.task: ("accuracy",), BenchmarkKind.gsm8k: ("accuracy",),
@@ -46,8 +45,7 @@ class Scorer:
     def __init__(self, cfg: PbkdConfig, run: Run, role: str):
         self.cfg, self.run = cfg, run
         # Greedy answers may come from vLLM; log-likelihoods always from the Hugging Face model.
-        self.tokenizer, self.model, vllm = load_sampling_model(cfg, role)
-        self.generate = vllm.generate if vllm is not None else partial(generate, self.model, self.tokenizer)
+        self.tokenizer, self.model, self.generate = load_sampling_model(cfg, role)
         if self.model is None:
             self.model = load_lm(cfg, role)[1].to(inference_device())
         self.model.eval()

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from pbkd_cli.config.schema import PbkdConfig, Variant
 from pbkd_cli.io import atomic_write_text
-from pbkd_cli.runner import Run
-from pbkd_cli.stages._steps import Steps
+from pbkd_cli.runner import Run, Steps
 
 
 def merge_preferences(previous: str | None, new: str, target: Path) -> Path:

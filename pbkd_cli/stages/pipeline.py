@@ -23,8 +23,7 @@ import math
 
 from pbkd_cli.config.schema import ModelRole, PbkdConfig, Variant
 from pbkd_cli.io import PbkdError, atomic_write_text
-from pbkd_cli.runner import Run
-from pbkd_cli.stages._steps import Steps
+from pbkd_cli.runner import Run, Steps
 
 
 def comparison_table(methods: dict[str, dict]) -> str:

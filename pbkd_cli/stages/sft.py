@@ -14,21 +14,24 @@ from __future__ import annotations
 import logging
 import random
 import time
+from typing import Callable
 
 import torch
 
 from pbkd_cli.config.schema import Divergence, KDConfig, PbkdConfig, ResponseSource
 from pbkd_cli.data.gsm8k import HubUnavailable
-from pbkd_cli.data.prompts import collate, encode_prompts, encode_responses, fit_to_context, gold_response
+from pbkd_cli.data.minibatches import Minibatches
+from pbkd_cli.data.prompts import TokenBatch, collate, encode_prompts, encode_responses, fit_to_context, gold_response
 from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import build_engine, save_model
 from pbkd_cli.generation import generate
+from pbkd_cli.generation.sampler import ResponseSampler
 from pbkd_cli.io import PbkdError, write_jsonl
+from pbkd_cli.models.logits import next_token_logits
+from pbkd_cli.models.roles import load_lm, load_teacher
 from pbkd_cli.objectives.divergences import distillation_loss
 from pbkd_cli.objectives.language_modeling import response_nll_loss
 from pbkd_cli.runner import Run
-from pbkd_cli.stages._shared import Minibatches, ResponseSampler, load_lm
-from pbkd_cli.stages._white_box import load_teacher, next_token_logits
 
 log = logging.getLogger("pbkd")
 
@@ -89,6 +92,29 @@ def mean_response_nll(model, prompts, responses, pad_id, batch_size, device) -> 
     return total / max(tokens, 1)
 
 
+def sft_step(engine, batch: TokenBatch, require_finite: Callable[[float], None], teacher=None,
+             kd: KDConfig | None = None, vocab_size: int | None = None) -> dict[str, float]:
+    """The stage's step on one micro-batch: the response NLL (SFT, vanilla KD) or, with a teacher, the
+    divergence of its next-token distributions (over the first `vocab_size` logits) plus `kd.ce_weight`
+    x NLL (white-box KD); backward, then the engine's step (an optimiser step at each accumulation
+    boundary). Returns its metrics."""
+    logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    loss, metrics = response_nll_loss(logits, batch.input_ids, batch.response_mask)
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = next_token_logits(teacher, batch, vocab_size)
+        divergence = distillation_loss(kd.loss.value, logits[:, :-1, :vocab_size], teacher_logits,
+                                       batch.response_mask[:, 1:], temperature=kd.temperature,
+                                       chunk_size=kd.chunk_size, **divergence_parameters(kd))
+        metrics = {"ce": metrics["loss"], kd.loss.value: divergence.item()}
+        loss = divergence + kd.ce_weight * loss if kd.ce_weight else divergence
+        metrics["loss"] = loss.item()
+    require_finite(metrics["loss"])
+    engine.backward(loss)
+    engine.step()
+    return metrics
+
+
 def run(cfg: PbkdConfig, run: Run) -> dict:
     kd, trainer = cfg.sft.kd, cfg.trainer
     if not 0.0 <= kd.on_policy_ratio <= 1.0:
@@ -117,39 +143,24 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
 
     engine = build_engine(policy, trainer, cfg.deepspeed)
     batches = Minibatches(len(prompts), trainer.micro_batch_size, cfg.seed)
-    checkpoints = run.checkpoints(policy=engine)
-    resumed = checkpoints.restore()
-    if resumed:
-        batches.load_state_dict(resumed["batches"])
+    checkpoints, resumed, steps = run.resumable_steps("sft", trainer.max_steps, batches, policy=engine)
     window, last_loss = resumed.get("window", []), resumed.get("last_loss")
     started, tokens = time.time(), 0
-    first = resumed.get("step", 0) + 1
-    for step in run.tracker.progress(range(first, trainer.max_steps + 1), total=trainer.max_steps - first + 1,
-                                     desc="sft"):
+    for step in steps:
         for micro in range(trainer.grad_accum):
             idx = next(batches)
             batch_prompts = [prompts[i] for i in idx]
             # GKD's coin for this micro-batch: a function of (seed, step), so a resumed run tosses the same.
-            if teacher is not None and random.Random(f"{cfg.seed}/{step}/{micro}").random() < kd.on_policy_ratio:
+            on_policy = teacher is not None and random.Random(f"{cfg.seed}/{step}/{micro}").random() < kd.on_policy_ratio
+            if on_policy:
                 batch_targets = student_responses(engine, tokenizer, batch_prompts, cfg)
             else:
                 batch_targets = [targets[i] for i in idx]
             batch = collate(batch_prompts, batch_targets, tokenizer.pad_token_id).to(engine.device)
-            logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss, metrics = response_nll_loss(logits, batch.input_ids, batch.response_mask)
+            metrics = sft_step(engine, batch, lambda value: checkpoints.require_finite(value, step), teacher, kd,
+                               len(tokenizer))
             if teacher is not None:
-                vocab = len(tokenizer)
-                with torch.no_grad():
-                    teacher_logits = next_token_logits(teacher, batch, vocab)
-                divergence = distillation_loss(kd.loss.value, logits[:, :-1, :vocab], teacher_logits,
-                                               batch.response_mask[:, 1:], temperature=kd.temperature,
-                                               chunk_size=kd.chunk_size, **divergence_parameters(kd))
-                metrics = {"ce": metrics["loss"], kd.loss.value: divergence.item()}
-                loss = divergence + kd.ce_weight * loss if kd.ce_weight else divergence
-                metrics["loss"] = loss.item()
-            checkpoints.require_finite(metrics["loss"], step)
-            engine.backward(loss)
-            engine.step()
+                metrics["on_policy"] = float(on_policy)  # the share of the student's own samples, once averaged
             window.append(metrics)
             tokens += int(batch.attention_mask.sum())
         if step % trainer.log_every == 0 or step == trainer.max_steps:

@@ -10,22 +10,18 @@ on the offline preferences that the paper asks for before the white-box game.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from pbkd_cli.config.schema import PbkdConfig, Variant
 from pbkd_cli.data.preferences import load_preferences, split_heldout
-from pbkd_cli.data.prompts import collate, encode_pairs, fit_to_context, pair_examples
+from pbkd_cli.data.minibatches import Minibatches
+from pbkd_cli.data.prompts import TokenBatch, encode_pairs, fit_to_context, pair_batch, pair_examples
 from pbkd_cli.engine import build_engine, save_model
 from pbkd_cli.io import PbkdError
-from pbkd_cli.models.reward import score
+from pbkd_cli.models.reward import ImpliedRewards, batched_rewards, score
+from pbkd_cli.models.roles import load_q_model, load_rm, load_role_tokenizer, load_teacher
 from pbkd_cli.objectives.bradley_terry import bradley_terry_loss, pairwise_accuracy
 from pbkd_cli.runner import Run
-from pbkd_cli.stages._shared import Minibatches, batched_rewards, load_rm, load_role_tokenizer
-from pbkd_cli.stages._white_box import ImpliedRewards, load_q_model, load_teacher
-
-
-def pair_batch(prompts, chosen, rejected, idx, pad_id):
-    """Chosen rows then rejected rows of the same prompts, in one padded batch."""
-    rows = [prompts[i] for i in idx]
-    return collate(rows + rows, [chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id)
 
 
 def bt_figures(model, prompts, chosen, rejected, pad_id, batch_size, reward) -> dict[str, float]:
@@ -33,6 +29,17 @@ def bt_figures(model, prompts, chosen, rejected, pad_id, batch_size, reward) -> 
     rr = batched_rewards(model, prompts, rejected, pad_id, batch_size, reward)
     return {"bt_loss": bradley_terry_loss(rc, rr).item(), "accuracy": pairwise_accuracy(rc, rr).item(),
             "margin": (rc - rr).mean().item()}
+
+
+def rm_step(engine, batch: TokenBatch, reward, require_finite: Callable[[float], None]) -> dict[str, float]:
+    """The stage's step on one micro-batch of pairs (chosen rows, then rejected): the Bradley-Terry loss
+    of `reward(engine, batch)`, backward, then the engine's step. Returns its metrics."""
+    chosen, rejected = reward(engine, batch).chunk(2)
+    loss = bradley_terry_loss(chosen, rejected)
+    require_finite(loss.item())
+    engine.backward(loss)
+    engine.step()
+    return {"bt_loss": loss.item(), "accuracy": pairwise_accuracy(chosen, rejected).item()}
 
 
 def run(cfg: PbkdConfig, run: Run) -> dict:
@@ -52,23 +59,13 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     trainer = cfg.trainer
     engine = build_engine(rm, trainer, cfg.deepspeed)
     batches = Minibatches(len(train), min(trainer.micro_batch_size, len(train)), cfg.seed)
-    checkpoints = run.checkpoints(rm=engine)
-    resumed = checkpoints.restore()
-    if resumed:
-        batches.load_state_dict(resumed["batches"])
-    first = resumed.get("step", 0) + 1
-    for step in run.tracker.progress(range(first, trainer.max_steps + 1), total=trainer.max_steps - first + 1,
-                                     desc="train-rm"):
+    checkpoints, _, steps = run.resumable_steps("train-rm", trainer.max_steps, batches, rm=engine)
+    for step in steps:
         for _ in range(trainer.grad_accum):
             batch = pair_batch(prompts, chosen, rejected, next(batches), pad).to(engine.device)
-            rc, rr = reward(engine, batch).chunk(2)
-            loss = bradley_terry_loss(rc, rr)
-            checkpoints.require_finite(loss.item(), step)
-            engine.backward(loss)
-            engine.step()
+            metrics = rm_step(engine, batch, reward, lambda value: checkpoints.require_finite(value, step))
         if step % trainer.log_every == 0 or step == trainer.max_steps:
-            run.tracker.log({"bt_loss": loss.item(), "accuracy": pairwise_accuracy(rc, rr).item(),
-                             "lr": engine.get_lr()[0]}, step, prefix="rm/")
+            run.tracker.log({**metrics, "lr": engine.get_lr()[0]}, step, prefix="rm/")
         checkpoints.step_done(step, lambda: {"step": step, "batches": batches.state_dict()})
 
     save_model(engine, tokenizer, run.dir / "model")

@@ -80,9 +80,9 @@ def main() -> None:
     print(f"  peak RSS        {prefs_mem:10.0f} MiB")
     print(f"train-rm peak RSS {rm_mem:10.0f} MiB")
     print(f"minmax step (mean of {len(steps)} iterations after the first):")
-    for phase in ("sample", "rm_step", "policy_step"):
+    for phase in ("sample", "reward_step", "policy_step"):
         print(f"  {phase:<15} {statistics.mean(r[f'minmax/time/{phase}'] for r in steps):10.3f} s")
-    total = statistics.mean(sum(r[f"minmax/time/{p}"] for p in ("sample", "rm_step", "policy_step")) for r in steps)
+    total = statistics.mean(sum(r[f"minmax/time/{p}"] for p in ("sample", "reward_step", "policy_step")) for r in steps)
     print(f"  whole step      {total:10.3f} s")
     print(f"  sampling        {statistics.mean(r['minmax/time/sample_tokens_per_second'] for r in steps):10.0f} tokens/s")
     print(f"  peak RSS        {minmax_mem:10.0f} MiB")

@@ -7,13 +7,13 @@ the same order (micro batch --micro-batch, the same token sequences, checked) an
 number of optimizer steps with the same optimiser settings (AdamW, lr, betas, weight decay, clipping,
 warm-up + cosine schedule), in float32, without gradient checkpointing, packing, logging or eval:
 
-  sft  pbkd's SFT loop body (`pbkd_cli/stages/sft.py`: DeepSpeed engine from `build_engine`,
-       `collate`, `response_nll_loss`, `engine.backward` / `engine.step`)
-       vs TRL's `SFTTrainer` on prompt/completion text (completion-only loss);
-  rm   pbkd's reward-model loop body (`train_rm.py`: value head from `load_reward_model`, `score`,
-       `bradley_terry_loss`) vs TRL's `RewardTrainer` on prompt/chosen/rejected text;
-  kd   pbkd's white-box KD (`sft.kd.loss=jsd|fkl`: `distillation_loss` against a frozen teacher's
-       logits, teacher of the student's architecture) vs TRL's `GKDTrainer` with lmbda=0 (no on-policy
+  sft  pbkd's SFT step (`pbkd_cli/stages/sft.py`'s `sft_step` on a DeepSpeed engine from
+       `build_engine`, batches from `collate`) vs TRL's `SFTTrainer` on prompt/completion text
+       (completion-only loss);
+  rm   pbkd's reward-model step (`train_rm.py`'s `rm_step`: value head from `load_reward_model`,
+       `score`) vs TRL's `RewardTrainer` on prompt/chosen/rejected text;
+  kd   pbkd's white-box KD step (`sft_step` with `sft.kd.loss=jsd|fkl` against a frozen teacher,
+       teacher of the student's architecture) vs TRL's `GKDTrainer` with lmbda=0 (no on-policy
        generation) and beta=jsd_beta for jsd, beta=0 for fkl (TRL's forward-KL end point).
 
 A step is everything between two optimizer updates: fetching and collating the batch, forward,
@@ -60,19 +60,15 @@ from pbkd_cli.config.compose import compose, to_typed
 from pbkd_cli.config.schema import Divergence, ModelConfig, RewardPooling, TinyLlamaConfig
 from pbkd_cli.data.gsm8k import ANSWER_MARKER
 from pbkd_cli.data.prompts import (collate, encode_prompts, encode_responses, fit_to_context, format_prompt,
-                                   gold_response)
+                                   gold_response, pair_batch)
 from pbkd_cli.data.tasks import load_examples, tokenizer_corpus
 from pbkd_cli.engine import build_engine, build_frozen_engine, distributed_context
 from pbkd_cli.models import build_bpe_tokenizer, load_causal_lm
 from pbkd_cli.models.factory import parameter_count
 from pbkd_cli.models.reward import load_reward_model, score
-from pbkd_cli.objectives.bradley_terry import bradley_terry_loss
-from pbkd_cli.objectives.divergences import distillation_loss
-from pbkd_cli.objectives.language_modeling import response_nll_loss
-from pbkd_cli.stages._shared import Minibatches
-from pbkd_cli.stages._white_box import next_token_logits
-from pbkd_cli.stages.sft import divergence_parameters
-from pbkd_cli.stages.train_rm import pair_batch
+from pbkd_cli.data.minibatches import Minibatches
+from pbkd_cli.stages.sft import sft_step
+from pbkd_cli.stages.train_rm import rm_step
 
 PAIRS = {"sft": "SFTTrainer", "rm": "RewardTrainer", "kd": "GKDTrainer"}
 
@@ -205,12 +201,18 @@ def setup(opts: argparse.Namespace) -> Bench:
 
 class Ours:
     """pbkd's loop body, one optimizer step (one micro-batch, grad_accum=1) per `step()` call, so that
-    its steps can alternate with TRL's."""
+    its steps can alternate with TRL's. `body(idx, clock)` collates the batch and calls the stage's own
+    step function; the engine's backward and step (and a teacher's forward) are timed as phases of it."""
 
-    def __init__(self, bench: Bench, body):
+    def __init__(self, bench: Bench, engine, body, teacher=None):
         self.bench, self.body = bench, body
         self.run = Run()
         self.clock = PhaseClock(self.run)
+        engine.backward = self.clock.wrap("backward", engine.backward)
+        engine.step = self.clock.wrap("optimizer step", engine.step)
+        if teacher is not None:
+            module = getattr(teacher, "module", teacher)
+            module.forward = self.clock.wrap("teacher forward", module.forward)
 
     def step(self) -> None:
         done = len(self.run.durations)
@@ -242,21 +244,10 @@ def ours_sft(bench: Bench, model) -> Ours:
         with clock("collate"):
             batch = collate([bench.prompts[i] for i in idx], [bench.chosen[i] for i in idx], pad).to(engine.device)
         with clock("forward+loss"):
-            logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss, metrics = response_nll_loss(logits, batch.input_ids, batch.response_mask)
-            _finite(metrics["loss"])
-        update(engine, loss, clock)
+            sft_step(engine, batch, _finite)
         return int(batch.attention_mask.sum())
 
-    return Ours(bench, body)
-
-
-def update(engine, loss, clock) -> None:
-    """pbkd's backward and optimiser step, timed by phase."""
-    with clock("backward"):
-        engine.backward(loss)
-    with clock("optimizer step"):
-        engine.step()
+    return Ours(bench, engine, body)
 
 
 def ours_rm(bench: Bench, model) -> Ours:
@@ -267,13 +258,10 @@ def ours_rm(bench: Bench, model) -> Ours:
         with clock("collate"):
             batch = pair_batch(bench.prompts, bench.chosen, bench.rejected, idx, pad).to(engine.device)
         with clock("forward+loss"):
-            rc, rr = score(engine, batch).chunk(2)
-            loss = bradley_terry_loss(rc, rr)
-            _finite(loss.item())
-        update(engine, loss, clock)
+            rm_step(engine, batch, score, _finite)
         return int(batch.attention_mask.sum())
 
-    return Ours(bench, body)
+    return Ours(bench, engine, body)
 
 
 def ours_kd(bench: Bench, model, teacher) -> Ours:
@@ -286,23 +274,10 @@ def ours_kd(bench: Bench, model, teacher) -> Ours:
         with clock("collate"):
             batch = collate([bench.prompts[i] for i in idx], [bench.chosen[i] for i in idx], pad).to(engine.device)
         with clock("forward+loss"):
-            logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss, metrics = response_nll_loss(logits, batch.input_ids, batch.response_mask)
-        with clock("teacher forward"):
-            with torch.no_grad():
-                teacher_logits = next_token_logits(teacher, batch, vocab)
-        with clock("forward+loss"):
-            divergence = distillation_loss(kd.loss.value, logits[:, :-1, :vocab], teacher_logits,
-                                           batch.response_mask[:, 1:], temperature=kd.temperature,
-                                           chunk_size=kd.chunk_size, **divergence_parameters(kd))
-            metrics = {"ce": metrics["loss"], kd.loss.value: divergence.item()}
-            loss = divergence + kd.ce_weight * loss if kd.ce_weight else divergence  # as sft.py
-            metrics["loss"] = loss.item()
-            _finite(metrics["loss"])
-        update(engine, loss, clock)
+            sft_step(engine, batch, _finite, teacher, kd, vocab)
         return int(batch.attention_mask.sum())
 
-    return Ours(bench, body)
+    return Ours(bench, engine, body, teacher)
 
 
 # -------------------------------------------------------------------------------------------- TRL

@@ -36,7 +36,7 @@ def test_sft_distils_with_a_divergence_and_logs_both_terms(workdir, trained_teac
             f"model.teacher.name_or_path={trained_teacher}", f"hydra.run.dir={run_dir}", cwd=workdir))
     assert summary(run_dir)["kd_loss"] == "rkl"
     last = metrics_of(run_dir)[-1]
-    assert last["sft/rkl"] > 0 and last["sft/ce"] > 0
+    assert last["sft/rkl"] > 0 and last["sft/ce"] > 0 and last["sft/on_policy"] == 0.0
     assert last["sft/loss"] == pytest.approx(last["sft/rkl"] + 0.5 * last["sft/ce"], rel=1e-5)
     assert (run_dir / "model" / "model.safetensors").exists()
 
@@ -45,8 +45,11 @@ def test_sft_on_policy_mix_samples_from_the_student(workdir, trained_teacher):
     run_dir = workdir / "kd_gkd"
     ok(pbkd("sft", *TINY, "sft.kd.loss=jsd", "sft.kd.jsd_beta=0.3", "sft.kd.on_policy_ratio=1.0",
             f"model.teacher.name_or_path={trained_teacher}", f"hydra.run.dir={run_dir}", cwd=workdir))
+    metrics = metrics_of(run_dir)
+    # Every micro-batch trained on the student's own samples (the GKD mix at ratio 1).
+    assert all(m["sft/on_policy"] == 1.0 for m in metrics)
     # JSD(beta) is bounded by H(beta) = -0.3 ln 0.3 - 0.7 ln 0.7 < 0.611.
-    assert all(0 <= m["sft/jsd"] < 0.611 for m in metrics_of(run_dir))
+    assert all(0 <= m["sft/jsd"] < 0.611 for m in metrics)
 
 
 def test_teacher_runs_on_its_own_zero3_engine(workdir, trained_teacher):

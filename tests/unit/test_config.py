@@ -1,11 +1,13 @@
 """Composition and schema validation: every bad config fails before any work, naming its key."""
 
 import re
+from pathlib import Path
 
 import pytest
 
 from pbkd_cli.config.compose import ConfigError, compose, plan_jobs, to_typed, with_stage_overrides
-from pbkd_cli.config.schema import RANGES, PbkdConfig, ResponseSource, out_of_range
+from pbkd_cli.config.schema import RANGES, STAGE_NAMES, PbkdConfig, ResponseSource, out_of_range
+from pbkd_cli.runner import STAGES
 
 
 def typed(*overrides: str) -> PbkdConfig:
@@ -20,9 +22,34 @@ def test_default_config_is_valid_and_typed():
     assert cfg.deepspeed["zero_optimization"]["stage"] == 0
 
 
-def test_every_experiment_and_group_option_composes():
-    for exp in ("demo", "gsm8k"):
-        assert to_typed(compose(["stage=sft", f"+exp={exp}"])).stage == "sft"
+CONF = Path(__file__).resolve().parents[2] / "conf"
+GROUP_OPTIONS = sorted((str(f.parent.relative_to(CONF)), f.stem) for f in CONF.rglob("*.yaml")
+                       if f.parent != CONF and f.parent.parts[-1] not in ("exp", "launcher"))
+
+
+@pytest.mark.parametrize("group, option", GROUP_OPTIONS)
+def test_every_option_of_every_config_group_composes_and_validates(group, option):
+    assert isinstance(typed(f"{group}={option}"), PbkdConfig)
+
+
+@pytest.mark.parametrize("exp", sorted(f.stem for f in (CONF / "exp").glob("*.yaml")))
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_experiment_composes_and_validates_for_every_stage(exp, stage):
+    # As `pbkd <stage> +exp=<exp>` composes it: the experiment's stage_overrides[<stage>] first.
+    cfg = to_typed(compose(with_stage_overrides(stage, [f"+exp={exp}"])))
+    assert cfg.stage == stage
+
+
+def test_stage_overrides_for_a_step_that_does_not_exist_are_one_line():
+    with pytest.raises(ConfigError, match=r"^stage_overrides.vanila_kd: no stage or pipeline step has this name"):
+        typed('+stage_overrides.vanila_kd=["trainer.max_steps=1"]')
+
+
+def test_the_schemas_stage_names_are_the_runners():
+    assert set(STAGE_NAMES) == set(STAGES)
+
+
+def test_every_zero_stage_reaches_deepspeed():
     for stage in (0, 1, 2, 3):
         assert typed(f"deepspeed=zero{stage}").deepspeed["zero_optimization"]["stage"] == stage
 

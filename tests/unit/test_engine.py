@@ -20,7 +20,7 @@ from pbkd_cli.engine.checkpoint import Checkpoints, Preempted
 from pbkd_cli.engine.deepspeed_engine import deepspeed_config
 from pbkd_cli.engine.distributed import gather, reduce_metrics, shard
 from pbkd_cli.io import PbkdError, atomic_directory, atomic_write_text
-from pbkd_cli.stages._shared import Minibatches
+from pbkd_cli.data.minibatches import Minibatches
 from pbkd_cli.tracking import Tracker
 
 
@@ -45,6 +45,28 @@ def test_inconsistent_batch_or_precision_is_one_line(ds, trainer, message):
     with pytest.raises(PbkdError) as err:
         deepspeed_config(ds, trainer, world_size=2)
     assert str(err.value).startswith(message)
+
+
+def test_a_zero3_frozen_model_is_partitioned_and_gives_the_logits_of_the_whole_model():
+    import copy
+
+    from pbkd_cli.config.schema import ModelConfig, TinyLlamaConfig
+    from pbkd_cli.engine import build_frozen_engine
+    from pbkd_cli.models import build_bpe_tokenizer, load_causal_lm
+
+    tokenizer = build_bpe_tokenizer(["1 + 2 = 3", "4 + 5 = 9"] * 20, 80)
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelConfig(tiny=TinyLlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                            num_key_value_heads=2, intermediate_size=64)),
+                           tokenizer, "model.teacher")
+    whole = copy.deepcopy(model).eval()
+    engine = build_frozen_engine(model, {"zero_optimization": {"stage": 3}})
+    # Each parameter's data lives in its ZeRO-3 partition; the module holds placeholders.
+    assert engine.zero_optimization_partition_weights()
+    assert all(p.numel() == 0 and p.ds_numel > 0 for p in engine.module.parameters())
+    ids = torch.tensor([tokenizer("1 + 2 = 3")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(engine(input_ids=ids).logits, whole(input_ids=ids).logits, atol=1e-5)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

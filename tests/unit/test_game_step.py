@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -19,9 +20,11 @@ from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine.deepspeed_engine import lr_multiplier
 from pbkd_cli.models import load_causal_lm
 from pbkd_cli.objectives.policy_gradient import group_advantages
+from pbkd_cli.config.schema import out_of_range, unplayable_game
+from pbkd_cli.game.student import policy_engines, policy_step, rollout_batch, sample_responses
 from pbkd_cli.io import PbkdError
-from pbkd_cli.stages._game import check_game, policy_engines, policy_step, sample_rollouts, token_logprobs
-from pbkd_cli.stages._shared import load_role_tokenizer
+from pbkd_cli.models.logits import token_logprobs
+from pbkd_cli.models.roles import load_role_tokenizer
 
 ZERO0 = {"zero_optimization": {"stage": 0}}
 
@@ -37,6 +40,16 @@ def game_config(**minmax) -> PbkdConfig:
     cfg.minmax = MinMaxConfig(**{"prompts_per_iteration": 8, "samples_per_prompt": 4, "ppo_epochs": 1,
                                  "kl_coef": 0.0, "iterations": 1, **minmax})
     return cfg
+
+
+def game_problem(cfg: PbkdConfig) -> str | None:
+    """What the schema says of a game's settings at composition time."""
+    return out_of_range(cfg) or unplayable_game(cfg)
+
+
+def sample_rollouts(cfg, engine, tokenizer, prompts, idx):
+    samples, _ = sample_responses(cfg, engine, tokenizer, prompts, idx)
+    return samples, rollout_batch(samples, tokenizer, engine.device)
 
 
 def tiny_policy(cfg: PbkdConfig, seed: int = 0):
@@ -88,7 +101,7 @@ def play(shuffle_rewards: bool, iterations: int = 20) -> list[float]:
     mean_rewards = []
     for iteration in range(iterations):
         idx = list(range(iteration * 8 % 64, iteration * 8 % 64 + 8))
-        samples, _, rollout = sample_rollouts(cfg, engine, tokenizer, prompts, idx)
+        samples, rollout = sample_rollouts(cfg, engine, tokenizer, prompts, idx)
         rewards = toy_reward(samples.response_ids, len(tokenizer))
         mean_rewards.append(rewards.mean().item())
         if shuffle_rewards:
@@ -116,14 +129,13 @@ def test_a_short_game_learns_its_reward_and_not_a_shuffled_one():
     ({"teacher_samples_per_prompt": 2, "teacher_temperature": 0.0}, "minmax.teacher_samples_per_prompt=2"),
 ])
 def test_bad_game_settings_are_one_line_before_any_model_loads(minmax, key):
-    with pytest.raises(PbkdError) as err:
-        check_game(game_config(**minmax))
-    assert str(err.value).startswith(key) and "\n" not in str(err.value)
+    problem = game_problem(game_config(**minmax))
+    assert problem.startswith(key) and "\n" not in problem
 
 
 def test_widest_prompts_keep_each_sample_with_its_own_reward():
     from pbkd_cli.generation.hf import Samples
-    from pbkd_cli.stages._game import widest_prompts
+    from pbkd_cli.game.student import widest_prompts
     # Pool of prompts 7, 3, 5 with 2 samples each; only prompt 5's samples differ in reward.
     samples = Samples(prompt_ids=[[7], [7], [3], [3], [5], [5]], response_ids=[[1], [2], [3], [4], [5], [6]],
                       texts=["a", "b", "c", "d", "e", "f"], finished=[True] * 6, num_samples=2)
@@ -139,10 +151,9 @@ def test_mm_pbkd_refuses_oversampling_in_one_line_and_its_rl_control_takes_it():
 
     cfg = game_config(oversample=2)
     cfg.variant = Variant.white_box
-    with pytest.raises(PbkdError, match=r"^minmax.oversample=2: MM PbKD trains on every prompt it samples"):
-        check_game(cfg)
+    assert game_problem(cfg).startswith("minmax.oversample=2: MM PbKD trains on every prompt it samples")
     cfg.minmax.reward = GameReward.correctness
-    check_game(cfg)
+    assert game_problem(cfg) is None
 
 
 def test_teacher_answers_join_each_group_after_the_students_own():
@@ -161,15 +172,13 @@ def test_teacher_answers_join_each_group_after_the_students_own():
 
 
 def test_teacher_answers_in_the_group_count_in_the_batch_arithmetic_and_the_budget():
-    from pbkd_cli.stages._game import group_size, rollouts_per_update, student_train_sequences
-
     cfg = game_config(teacher_in_group=True, iterations=3)
     cfg.trainer.micro_batch_size = 8
-    assert group_size(cfg) == 5 and rollouts_per_update(cfg) == 40
-    assert student_train_sequences(cfg) == 3 * 8 * 5
-    with pytest.raises(PbkdError, match=r"^minmax.rollouts_per_update=32: .* 5 responses per group = 40"):
-        cfg.minmax.rollouts_per_update = 32
-        check_game(cfg)
+    assert cfg.minmax.group_size() == 5 and cfg.minmax.rollouts() == 40 and cfg.minmax.updates_per_epoch() == 1
+    assert cfg.minmax.student_train_sequences() == 3 * 8 * 5
+    assert game_problem(cfg) is None
+    cfg.minmax.rollouts_per_update = 32
+    assert re.match(r"^minmax.rollouts_per_update=32: .* 5 responses per group = 40", game_problem(cfg))
 
 
 def test_where_every_own_sample_is_wrong_the_step_imitates_the_teachers_answer_in_the_group():
@@ -187,7 +196,7 @@ def test_where_every_own_sample_is_wrong_the_step_imitates_the_teachers_answer_i
         before = token_logprobs(engine.module, target, 8).sum(-1).mean().item()
         torch.manual_seed(3)
         for _ in range(6):
-            samples, _, _ = sample_rollouts(cfg, engine, tokenizer, prompts, list(range(8)))
+            samples, _ = sample_rollouts(cfg, engine, tokenizer, prompts, list(range(8)))
             if teacher_in_group:
                 samples = samples.joined(answer, [["t"] for _ in prompts])
             k = samples.num_samples
@@ -205,7 +214,7 @@ def test_where_every_own_sample_is_wrong_the_step_imitates_the_teachers_answer_i
 
 def test_teacher_answers_are_read_by_prompt_id_and_a_missing_one_is_one_line(tmp_path):
     from pbkd_cli.io import write_jsonl
-    from pbkd_cli.stages._game import teacher_answers
+    from pbkd_cli.game.student import teacher_answers
 
     cfg = game_config()
     examples = load_examples(cfg.data, "train")[:3]
@@ -221,7 +230,7 @@ def test_teacher_answers_are_read_by_prompt_id_and_a_missing_one_is_one_line(tmp
 def test_positive_on_wrong_is_the_share_of_push_up_that_goes_to_wrong_answers():
     from pbkd_cli.data.examples import Example
     from pbkd_cli.generation.hf import Samples
-    from pbkd_cli.stages._game import positive_on_wrong
+    from pbkd_cli.game.figures import positive_on_wrong
 
     examples = [Example(id="a", question="q", solution="", answer="3")]
     samples = Samples(prompt_ids=[[1]] * 4, response_ids=[[1]] * 4, finished=[True] * 4, num_samples=4,

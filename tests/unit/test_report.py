@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pbkd_cli.report import (ReportError, eval_rows, find_runs, group_runs, method_table, online_iterations,
-                             read_metrics, rm_accuracy, training_curves, write_report)
+from pbkd_cli.report import ReportError, write_report
+from pbkd_cli.report.runs import find_runs, group_runs
+from pbkd_cli.report.tables import eval_rows, method_table, online_iterations, read_metrics, rm_accuracy, training_curves
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -210,7 +211,7 @@ def test_eval_runs_of_one_model_over_seeds_pool(tmp_path):
 
 def test_curves_online_and_rm_figures(seeds_multirun):
     runs = find_runs([seeds_multirun], no_warning)
-    from pbkd_cli.report import assign_labels
+    from pbkd_cli.report.runs import assign_labels
 
     assign_labels(runs)
     assert [r.label for r in runs] == ["seed=0", "seed=1", "seed=2"]
