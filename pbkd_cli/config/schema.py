@@ -53,6 +53,18 @@ class ApiConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (PEFT's LoRA) in place of full fine-tuning of a model a stage trains."""
+
+    # The adapters' rank; 0 trains every weight.
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Module names (or suffixes) that get adapters; null: every linear layer but the output head.
+    target_modules: Optional[List[str]] = None
+
+
+@dataclass
 class ModelConfig:
     """One model: loaded from `name_or_path` (hub id or local dir), else built from `tiny`."""
 
@@ -66,6 +78,8 @@ class ModelConfig:
     # A black-box teacher served behind an OpenAI-compatible API instead of loaded weights
     # (teacher only: the student and the reward model are always local).
     api: ApiConfig = field(default_factory=ApiConfig)
+    # The student and the RM (or Q) when a stage trains them; saved as the merged model plus `adapter/`.
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -87,6 +101,8 @@ class TokenizerConfig:
 class TaskName(str, Enum):
     arithmetic = "arithmetic"
     gsm8k = "gsm8k"
+    # Prompt-completion data in TRL's formats (standard or conversational), local JSONL or hub.
+    custom = "custom"
 
 
 @dataclass
@@ -110,12 +126,13 @@ class OverlongPrompts(str, Enum):
 @dataclass
 class DataConfig:
     task: TaskName = TaskName.arithmetic
-    # gsm8k: a local JSONL per split (hub format: question/answer) overrides the hub data set (set with
-    # another task, which would ignore it: a one-line error).
+    # gsm8k, custom: a local JSONL per split (gsm8k: the hub's question/answer rows; custom: TRL's
+    # prompt/completion or messages rows) overrides the hub data set (set with the arithmetic task,
+    # which would ignore it: a one-line error).
     train_path: Optional[str] = None
     test_path: Optional[str] = None
-    hub_id: str = "openai/gsm8k"
-    hub_config: str = "main"
+    hub_id: Optional[str] = "openai/gsm8k"
+    hub_config: Optional[str] = "main"
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
@@ -548,6 +565,8 @@ RANGES: Dict[str, tuple] = {
         "minmax.samples_per_prompt", "minmax.oversample", "minmax.teacher_samples_per_prompt", "minmax.num_prompts",
         "minmax.rm_steps", "minmax.rm_pref_batch", "minmax.ppo_epochs", "minmax.rollouts_per_update",
         "minmax.eval_prompts", "online.iterations", "online.prompts_per_iteration")},
+    **{f"model.{role}.lora.{key}": (0, None, True, False) for role in ("student", "rm") for key in ("r", "alpha")},
+    **{f"model.{role}.lora.dropout": (0, 1, True, False) for role in ("student", "rm")},
     **{key: (0, None, True, False) for key in (
         "trainer.lr", "trainer.weight_decay", "trainer.max_grad_norm", "trainer.checkpoint_every",
         "data.train_limit", "data.test_limit", "sft.teacher_temperature",
@@ -582,12 +601,20 @@ def contradiction(cfg: "PbkdConfig") -> str | None:
         if key not in STAGE_NAMES and key not in STEP_NAMES and not key.startswith("eval/"):
             return (f"stage_overrides.{key}: no stage or pipeline step has this name (stages: "
                     f"{', '.join(STAGE_NAMES)}; steps: {', '.join(STEP_NAMES)})")
+    zero = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) if isinstance(cfg.deepspeed, dict) else 0
+    for role in ("student", "rm"):
+        lora = getattr(cfg.model, role).lora
+        if lora.r and zero == 3:
+            return (f"model.{role}.lora.r={lora.r}: LoRA runs on ZeRO stages 0-2 (the frozen base is replicated, "
+                    f"the adapters are small); deepspeed.zero_optimization.stage=3 partitions it (use deepspeed=zero2)")
+    if cfg.model.teacher.lora.r:
+        return f"model.teacher.lora.r={cfg.model.teacher.lora.r}: the teacher is never trained; adapters are for the student and the RM"
     data = cfg.data
     for key in ("train_path", "test_path"):
         value = getattr(data, key)
-        if value is not None and data.task != TaskName.gsm8k:
-            return (f"data.{key}={value}: only data.task=gsm8k reads a local file "
-                    f"(data.task={data.task.value} generates its examples; set data=gsm8k)")
+        if value is not None and data.task == TaskName.arithmetic:
+            return (f"data.{key}={value}: data.task=arithmetic generates its examples and reads no file "
+                    f"(set data=gsm8k, or data.task=custom for prompt/completion rows)")
     return None
 
 
@@ -596,18 +623,11 @@ def unplayable_game(cfg: "PbkdConfig") -> str | None:
     if cfg.stage != "minmax":
         return None
     c, micro = cfg.minmax, cfg.trainer.micro_batch_size
-    mm_pbkd = cfg.variant == Variant.white_box and c.reward == GameReward.rm
     per_update = c.rollouts_per_update or c.rollouts()
     if c.rollouts() % per_update or per_update % micro:
         return (f"minmax.rollouts_per_update={per_update}: must divide the iteration's rollouts "
                 f"(prompts_per_iteration x {c.group_size()} responses per group = {c.rollouts()}) and be a "
                 f"multiple of trainer.micro_batch_size={micro}")
-    if c.oversample > 1 and mm_pbkd:
-        return (f"minmax.oversample={c.oversample}: MM PbKD trains on every prompt it samples; "
-                "oversampling is for the black-box game and its RL control")
-    if c.teacher_in_group and mm_pbkd:
-        return ("minmax.teacher_in_group=true: MM PbKD's student step is on its own samples; the "
-                "teacher's answers join the groups of the black-box game and its RL control")
     if c.distrusted_fraction > 0 and not (c.teacher_in_group and c.oversample > 1):
         return (f"minmax.distrusted_fraction={c.distrusted_fraction}: it orders the oversampled pool by the "
                 "teacher's answers' reward; set minmax.teacher_in_group=true and minmax.oversample > 1")

@@ -11,8 +11,12 @@ from pbkd_cli.io import PbkdError
 class Example:
     id: str
     question: str
-    solution: str  # the full worked solution, ending in "#### <answer>"
-    answer: str  # the normalised final number, as `gsm8k.extract_answer` writes it
+    solution: str  # the reference response (a worked solution ending in "#### <answer>" for the math tasks)
+    answer: str  # the normalised final number, as `gsm8k.extract_answer` writes it ("" where there is none)
+    # Prompt-completion data (`data.task=custom`): the (role, content) turns before the response, taken
+    # verbatim (and through the chat template with `data.use_chat_template`) instead of
+    # `data.prompt_template`; `question` is then the last user turn.
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 class DataError(PbkdError, ValueError):

@@ -11,12 +11,12 @@ import ast
 import operator
 import re
 from decimal import Decimal
-from itertools import islice
 from pathlib import Path
-from typing import Iterable
 
 from pbkd_cli.data.examples import DataError, Example
-from pbkd_cli.io import PbkdError, numbered_jsonl
+from pbkd_cli.data.sources import HubUnavailable, hub_rows, local_rows
+
+__all__ = ["HubUnavailable", "extract_answer", "load_gsm8k"]
 
 ANSWER_MARKER = "####"
 # A sign counts only where it cannot be a binary minus ("12-3" holds 12 and 3, not -3). Thousands
@@ -105,33 +105,6 @@ def _example(row: dict, where: str, example_id: str, strip_annotations: bool) ->
     return Example(id=example_id, question=row["question"].strip(), solution=solution, answer=answer)
 
 
-def _local_rows(path: Path, limit: int | None, key: str) -> list[tuple[str, dict]]:
-    """The first `limit` JSON objects of the JSONL file `key` names, each with the line it came from."""
-    try:
-        rows = [(f"{key}={path} line {number}", row) for number, row in islice(numbered_jsonl(path, key), limit)]
-    except PbkdError as exc:
-        raise DataError(str(exc)) from None
-    if not rows and limit != 0:
-        raise DataError(f"{key}={path}: empty file, no examples")
-    return rows
-
-
-class HubUnavailable(DataError):
-    """The hub's split cannot be read: offline, unreachable, or no such data set there."""
-
-
-def _hub_rows(hub_id: str, hub_config: str, split: str, limit: int | None, hub_key: str,
-              path_key: str) -> Iterable[tuple[str, dict]]:
-    from datasets import load_dataset  # heavy import, only for runs that read the hub
-
-    try:
-        dataset = load_dataset(hub_id, hub_config, split=split)
-    except OSError as exc:  # ConnectionError offline or unreachable, FileNotFoundError for a missing data set
-        raise HubUnavailable(f"{hub_key}={hub_id}: its {split} split cannot be read "
-                             f"({str(exc).splitlines()[0][:200]}); set {path_key} to a local JSONL") from None
-    return ((f"{hub_id}[{split}] row {index}", row) for index, row in enumerate(islice(dataset, limit)))
-
-
 def load_gsm8k(split: str, path: str | None = None, hub_id: str = "openai/gsm8k", hub_config: str = "main",
                limit: int | None = None, strip_annotations: bool = True, path_key: str = "data.path",
                hub_key: str = "data.hub_id") -> list[Example]:
@@ -141,8 +114,8 @@ def load_gsm8k(split: str, path: str | None = None, hub_id: str = "openai/gsm8k"
     that cannot be read raises HubUnavailable (a DataError) naming `hub_key`.
     """
     if path is not None:
-        rows = _local_rows(Path(path), limit, path_key)
+        rows = local_rows(Path(path), limit, path_key)
     else:
-        rows = _hub_rows(hub_id, hub_config, split, limit, hub_key, path_key)
+        rows = hub_rows(hub_id, hub_config, split, limit, hub_key, path_key)
     return [_example(row, where, f"gsm8k-{split}-{index}", strip_annotations)
             for index, (where, row) in enumerate(rows)]

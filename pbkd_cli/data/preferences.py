@@ -30,6 +30,9 @@ class PreferencePair:
     rejected_source: str = ""
     labeler: str = ""
     iteration: int = 0
+    # TRL's conversational prompt ([{"role", "content"}, ...]) where the pair has one; `prompt` is then
+    # its text.
+    messages: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
@@ -37,13 +40,24 @@ REQUIRED = ("prompt", "chosen", "rejected")
 
 
 def load_preferences(path: str | Path, what: str = "prefs.path") -> list[PreferencePair]:
-    """Read a JSONL preference file; a line without prompt/chosen/rejected names its line number."""
+    """Read a JSONL preference file in TRL's formats: prompt/chosen/rejected as strings, or conversational
+    (the prompt a list of messages, chosen and rejected lists of assistant messages). A bad line is one
+    error naming its line number."""
+    from pbkd_cli.data.prompt_completion import completion_text, conversation
+
     pairs = []
     known = set(PreferencePair.__dataclass_fields__) - {"extra"}
     for number, row in numbered_jsonl(path, what):
-        missing = [k for k in REQUIRED if not isinstance(row.get(k), str)]
+        where = f"{what}={path} line {number}"
+        missing = [k for k in REQUIRED if not isinstance(row.get(k), (str, list))]
         if missing:
-            raise PbkdError(f"{what}={path} line {number}: missing or non-string '{missing[0]}'")
+            raise PbkdError(f"{where}: missing '{missing[0]}', or neither a string nor a list of messages")
+        if isinstance(row["prompt"], list):
+            turns = conversation(row["prompt"], where, "prompt")
+            row["messages"] = [{"role": r, "content": c} for r, c in turns]
+            row["prompt"] = "\n\n".join(c for _, c in turns)
+        for key in ("chosen", "rejected"):
+            row[key] = completion_text(row[key], where, key)
         row.setdefault("id", f"pair-{len(pairs) + 1}")
         # Columns other tools add (scores, metadata) are kept, not dropped.
         extra = {**row.get("extra", {}), **{k: v for k, v in row.items() if k not in known | {"extra"}}}

@@ -17,17 +17,35 @@ log = logging.getLogger("pbkd")
 T = TypeVar("T")
 
 
+def chat_messages(example: Example, cfg: DataConfig) -> list[dict[str, str]]:
+    """The prompt as chat messages: its own turns (prompt-completion data), else the question in
+    `data.prompt_template` as one user turn."""
+    if example.messages:
+        return [{"role": role, "content": content} for role, content in example.messages]
+    return [{"role": "user", "content": cfg.prompt_template.format(question=example.question)}]
+
+
 def format_prompt(example: Example, cfg: DataConfig, tokenizer) -> str:
-    text = cfg.prompt_template.format(question=example.question)
+    """The prompt text a model continues: through the tokenizer's chat template with
+    `data.use_chat_template`, else the template-filled question, or prompt-completion data's turns
+    verbatim (joined by a blank line where there are several)."""
     if cfg.use_chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return text
+        return tokenizer.apply_chat_template(chat_messages(example, cfg), tokenize=False, add_generation_prompt=True)
+    return plain_prompt(example, cfg)
+
+
+def plain_prompt(example: Example, cfg: DataConfig) -> str:
+    """The prompt without a chat template: the template-filled question, or prompt-completion data's
+    turns verbatim (joined by a blank line where there are several)."""
+    if example.messages:
+        return "\n\n".join(content for _, content in example.messages)
+    return cfg.prompt_template.format(question=example.question)
 
 
 def gold_response(example: Example) -> str:
-    # Responses start with a space so that "Answer:" + response reads as the text it was trained on.
-    return " " + example.solution.strip()
+    """The reference response: prompt-completion data's completion verbatim; the math tasks' solution
+    after a space, so that "Answer:" + response reads as the text it was trained on."""
+    return example.solution if example.messages else " " + example.solution.strip()
 
 
 @functools.lru_cache(maxsize=8)
@@ -38,11 +56,17 @@ def _longest_token(tokenizer) -> int:
 
 
 def _prompt_ids(examples: list[Example], cfg: DataConfig, tokenizer) -> list[list[int]]:
-    """Token ids of the formatted prompts. A question is first cut to its last characters that can
-    still reach the prompt's last `max_prompt_tokens` tokens, so a huge one is not tokenised whole."""
+    """Token ids of the formatted prompts. A question (each turn of a conversation) is first cut to its
+    last characters that can still reach the prompt's last `max_prompt_tokens` tokens, so a huge one is
+    not tokenised whole."""
     keep = cfg.max_prompt_tokens * _longest_token(tokenizer)
-    texts = [format_prompt(replace(ex, question=ex.question[-keep:]) if len(ex.question) > keep else ex,
-                           cfg, tokenizer) for ex in examples]
+
+    def cut(ex: Example) -> Example:
+        if len(ex.question) <= keep and all(len(content) <= keep for _, content in ex.messages):
+            return ex
+        return replace(ex, question=ex.question[-keep:], messages=tuple((r, c[-keep:]) for r, c in ex.messages))
+
+    texts = [format_prompt(cut(ex), cfg, tokenizer) for ex in examples]
     return tokenizer(texts, add_special_tokens=not cfg.use_chat_template)["input_ids"]
 
 
@@ -114,18 +138,24 @@ def pair_batch(prompts, chosen, rejected, idx, pad_id) -> TokenBatch:
 
 
 def pair_examples(pairs) -> list[Example]:
-    return [Example(id=p.id, question=p.question, solution="", answer=p.answer) for p in pairs]
+    """The prompts of preference pairs as examples: the question in the task's template where the pair
+    names one, else its conversation (TRL's conversational prompt) or its prompt text as one user turn."""
+    def turns(p) -> tuple[tuple[str, str], ...]:
+        if p.messages:
+            return tuple((m["role"], m["content"]) for m in p.messages)
+        return () if p.question else (("user", p.prompt),)
+
+    return [Example(id=p.id, question=p.question, solution="", answer=p.answer, messages=turns(p)) for p in pairs]
 
 
 def encode_pairs(pairs, cfg: DataConfig, tokenizer) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
-    """(prompt, chosen, rejected) ids of preference pairs, prompts rebuilt from their questions.
+    """(prompt, chosen, rejected) ids of preference pairs, prompts rebuilt from their questions or turns
+    (`pair_examples`).
 
-    Each model formats the question with its own tokenizer (and chat template), so a pair written
-    from one model family trains a reward model of another.
+    Each model formats the prompt with its own tokenizer (and chat template, as SFT and eval do), so a
+    pair written from one model family trains a reward model of another.
     """
-    examples = pair_examples(pairs)
-    prompts = encode_prompts(examples, cfg, tokenizer) if all(p.question for p in pairs) else [
-        row[-cfg.max_prompt_tokens:] for row in tokenizer([p.prompt for p in pairs])["input_ids"]]
+    prompts = encode_prompts(pair_examples(pairs), cfg, tokenizer)
     chosen = encode_responses([p.chosen for p in pairs], cfg, tokenizer)
     rejected = encode_responses([p.rejected for p in pairs], cfg, tokenizer)
     return prompts, chosen, rejected

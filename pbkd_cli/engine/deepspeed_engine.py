@@ -34,9 +34,13 @@ def _deepspeed():
         # The shm collective is JIT-compiled with gcc on first use; gloo needs no build step.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
-        distributed_context()  # the launcher variables DeepSpeed reads, filled in for a plain process
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if distributed_context().world_size == 1:  # also fills in the launcher variables DeepSpeed reads
+            # One process: an in-memory store instead of a TCP rendezvous, so no port is opened and two
+            # runs started at once cannot collide on one.
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        else:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return deepspeed
 
 
@@ -174,10 +178,22 @@ def build_frozen_engine(model: torch.nn.Module, ds: dict[str, Any]):
 
 
 def save_model(engine_or_model, tokenizer, path: str | Path) -> None:
-    """`save_pretrained` (safetensors) of an engine's module, gathering ZeRO-3 shards first."""
+    """`save_pretrained` (safetensors) of an engine's module, gathering ZeRO-3 shards first. A LoRA
+    (PEFT) model is saved merged into its base, a plain checkpoint, with its adapters in `adapter/`."""
     from pbkd_cli.io import atomic_directory
 
     module = getattr(engine_or_model, "module", engine_or_model)
+    if hasattr(module, "merge_and_unload"):  # PEFT; ZeRO-3 is refused for LoRA by the schema
+        if not distributed_context().is_main:
+            return
+        with atomic_directory(path) as tmp:
+            module.save_pretrained(tmp / "adapter")
+            merged = copy.deepcopy(module).merge_and_unload()
+            merged.config.use_cache = True
+            merged.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        return
     state_dict = None
     if getattr(engine_or_model, "zero_optimization_partition_weights", lambda: False)():
         state_dict = engine_or_model._zero3_consolidated_16bit_state_dict()

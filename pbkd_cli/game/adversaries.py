@@ -26,6 +26,7 @@ from pbkd_cli.data.prompts import TokenBatch, collate, encode_pairs, encode_prom
 from pbkd_cli.engine import build_engine, save_model
 from pbkd_cli.io import PbkdError
 from pbkd_cli.models.logits import next_token_logits, next_token_probs
+from pbkd_cli.models.lora import with_lora
 from pbkd_cli.models.reward import ImpliedRewards, score
 from pbkd_cli.models.roles import load_q_model, load_rm, load_teacher
 from pbkd_cli.objectives.bradley_terry import pairwise_accuracy, rm_game_objective
@@ -80,7 +81,7 @@ class RewardModel(AnchoredAdversary):
 
     def __init__(self, cfg: PbkdConfig, examples, answers: dict[int, list[str]], student_tokenizer):
         tokenizer, rm = load_rm(cfg)
-        super().__init__(cfg, rm, tokenizer)
+        super().__init__(cfg, with_lora(rm, cfg.model.rm.lora, "model.rm"), tokenizer)
         self.same_vocab = tokenizer.get_vocab() == student_tokenizer.get_vocab()
         self.prompts = encode_prompts(examples, cfg.data, tokenizer)
         self.teacher_ids = {i: encode_responses(t, cfg.data, tokenizer) for i, t in answers.items()}
@@ -131,7 +132,7 @@ class QFunction(AnchoredAdversary):
         w = cfg.minmax.white_box
         tokenizer, q_model = load_q_model(cfg, student_tokenizer)  # the student's vocabulary (checked)
         self.teacher = load_teacher(cfg, student_tokenizer)
-        super().__init__(cfg, q_model, tokenizer)
+        super().__init__(cfg, with_lora(q_model, cfg.model.rm.lora, "model.rm"), tokenizer)
         self.policy, self.vocab_size, self.pg_coef = policy, len(student_tokenizer), w.pg_coef
         self.pair_rewards = ImpliedRewards(self.teacher, self.vocab_size, w.gamma)
         self._expert: tuple[TokenBatch, torch.Tensor] | None = None
@@ -145,6 +146,8 @@ class QFunction(AnchoredAdversary):
 
     def step(self, idx: list[int], own, own_index: list[int], rollout: TokenBatch, require_finite) -> dict[str, float]:
         c, w = self.cfg.minmax, self.cfg.minmax.white_box
+        if rollout.input_ids.shape[0] != len(own.response_ids):  # the teacher's answers joined the groups
+            rollout = collate(own.prompt_ids, own.response_ids, self.pad).to(self.engine.device)
         actions, mask = rollout.input_ids[:, 1:], rollout.response_mask[:, 1:]
         expert = self.expert_probs(rollout)
         old_probs = next_token_probs(self.policy, rollout, self.vocab_size) if w.expected_student_term else None
@@ -161,8 +164,11 @@ class QFunction(AnchoredAdversary):
         return {**{f"q/{k}": v for k, v in metrics.items()}, "q/pref_accuracy": pairwise_accuracy(chosen, rejected).item()}
 
     @torch.no_grad()
-    def rewards(self, groups, prompt_index: list[int], rollout: TokenBatch) -> torch.Tensor:
-        """The implied rewards of the rollout; their Q-values are kept for the student term."""
+    def rewards(self, groups, prompt_index: list[int], rollout: TokenBatch | None = None) -> torch.Tensor:
+        """The implied rewards of the rollout (of `groups`, built here when not given); their Q-values
+        are kept for the student term."""
+        if rollout is None:
+            rollout = collate(groups.prompt_ids, groups.response_ids, self.pad).to(self.engine.device)
         expert = self.expert_probs(rollout)
         self._q_values = next_token_logits(self.engine.module, rollout, self.vocab_size)
         return implied_rewards(self._q_values, expert, rollout.input_ids[:, 1:], rollout.response_mask[:, 1:],

@@ -18,6 +18,7 @@ from pbkd_cli.generation.hf import Samples
 from pbkd_cli.generation.sampler import ResponseSampler
 from pbkd_cli.io import PbkdError, read_jsonl
 from pbkd_cli.models.logits import next_token_logits
+from pbkd_cli.models.lora import AdapterDisabled, is_lora
 from pbkd_cli.objectives.policy_gradient import clipped_policy_gradient_loss, kl_penalty, sequence_logprobs, widest_groups
 
 
@@ -63,10 +64,13 @@ def policy_engines(cfg: PbkdConfig, policy):
     `iterations x ppo_epochs x updates per epoch`, in place of `trainer.max_steps`."""
     c, trainer = cfg.minmax, cfg.trainer
     per_update = c.rollouts_per_update or c.rollouts()
-    reference = copy.deepcopy(policy).eval().requires_grad_(False) if c.kl_coef > 0 else None
+    lora = is_lora(policy)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if c.kl_coef > 0 and not lora else None
     engine = build_engine(policy, dataclasses.replace(
         trainer, grad_accum=per_update // trainer.micro_batch_size,
         max_steps=c.iterations * c.ppo_epochs * c.updates_per_epoch()), cfg.deepspeed)
+    if c.kl_coef > 0 and lora:  # the start is the base with the adapters off: no second copy
+        return engine, AdapterDisabled(engine.module)
     if reference is not None:
         reference.config.use_cache = False  # forward passes only
         reference.to(engine.device)

@@ -89,7 +89,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int 
 
     Prompts are batched in order of length so that little compute goes to padding; results come
     back in the caller's order. `should_stop` is asked after every decoding step; once it says True,
-    the unfinished responses end where they are (`pbkd serve`: the client went away).
+    the unfinished responses end where they are (`pbkd serve`: the client went away). `progress`
+    counts prompts (a batch's prompts as it finishes), so rates and ETAs read in prompts.
     """
     greedy = temperature == 0
     if greedy and num_samples != 1:
@@ -105,7 +106,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int 
     # ZeRO-3 gathers each layer's weights from all ranks inside every forward pass, so the ranks must
     # keep decoding in step until the last of them is done (DeepSpeed marks its partitioned weights).
     synced = torch.distributed.is_initialized() and any(hasattr(p, "ds_id") for p in model.parameters())
-    for batch in progress(batches, len(batches)):
+    done = iter(progress(range(len(prompt_ids)), len(prompt_ids)))
+    for batch in batches:
         ids, mask = _left_pad([prompt_ids[i] for i in batch], tokenizer.pad_token_id)
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
@@ -119,6 +121,10 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int 
             for row in generated[j * num_samples:(j + 1) * num_samples]:
                 rows.append(row[: row.index(eos) + 1] if eos in row else row)
             responses[index] = rows
+        for _ in batch:
+            next(done, None)
+    for _ in done:  # closes the bar
+        pass
     model.train(was_training)
     flat = [r for i in range(len(prompt_ids)) for r in responses[i]]
     return Samples(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import partial
 
 from pbkd_cli.config.schema import PbkdConfig
-from pbkd_cli.data.prompts import encode_prompts
+from pbkd_cli.data.prompts import chat_messages, encode_prompts
 from pbkd_cli.engine import inference_device
 from pbkd_cli.generation.hf import generate
 from pbkd_cli.models.roles import load_lm, load_role_tokenizer
@@ -54,8 +54,7 @@ class ResponseSampler:
     def sample(self, examples, k: int, temperature: float, progress=None) -> list[list[str]]:
         data = self.cfg.data
         if self.api is not None:
-            chats = [[{"role": "user", "content": data.prompt_template.format(question=ex.question)}]
-                     for ex in examples]
+            chats = [chat_messages(ex, data) for ex in examples]
             return self.api.complete_many(chats, temperature=temperature, max_tokens=data.max_response_tokens, n=k)
         samples = self.generate(encode_prompts(examples, data, self.tokenizer),
                          num_samples=k, temperature=temperature, top_p=self.cfg.generation.top_p,

@@ -193,5 +193,5 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, key: str):
     return model
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from pbkd_cli.data.prompts import TokenBatch
+from pbkd_cli.models.lora import unwrapped
 from pbkd_cli.objectives.policy_gradient import sequence_logprobs
 
 
@@ -41,3 +42,24 @@ def token_logprobs(model, batch: TokenBatch, micro_batch_size: int, vocab_size: 
         out.append(sequence_logprobs(next_token_logits(model, rows, vocab_size) / temperature,
                                      rows.input_ids[:, 1:], rows.response_mask[:, 1:]))
     return torch.cat(out)
+
+
+def hidden_state_head(model):
+    """(decoder, output-layer weight `[V, d]`) of a causal LM whose logits are exactly
+    `decoder(...).last_hidden_state @ weight.T`, with its weights whole on this rank, or None: a
+    ZeRO-3 engine partitions them; a head with a bias, scaled or soft-capped logits (Cohere, Gemma 2)
+    compute other logits. `model` may be a DeepSpeed engine."""
+    if getattr(model, "zero_optimization_partition_weights", lambda: False)():
+        return None
+    module = unwrapped(model)  # a LoRA model's adapters live in its decoder's layers
+    head, config = module.get_output_embeddings(), module.config
+    if type(head) is not torch.nn.Linear or head.bias is not None or module.base_model is module:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    return module.base_model, head.weight
+
+
+def final_hidden_states(decoder, batch: TokenBatch) -> torch.Tensor:
+    """`[B, T-1, d]`: the decoder's last hidden state before each next token."""
+    return decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state[:, :-1]

@@ -28,6 +28,7 @@ from pbkd_cli.config.schema import ModelConfig, RewardPooling
 from pbkd_cli.data.prompts import collate
 from pbkd_cli.models.factory import _check_local, _tiny_llama_config, from_pretrained
 from pbkd_cli.models.logits import next_token_logits, next_token_probs
+from pbkd_cli.models.lora import unwrapped
 from pbkd_cli.objectives.moment_matching import implied_rewards
 from pbkd_cli.objectives.policy_gradient import sequence_logprobs
 
@@ -68,7 +69,7 @@ def score(model, batch) -> torch.Tensor:
 
     `model` may be a DeepSpeed engine; the `mean` pooling calls its backbone and head directly.
     """
-    module = getattr(model, "module", model)
+    module = unwrapped(model)
     if module.config.reward_pooling == RewardPooling.likelihood.value:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         mask = batch.response_mask[:, 1:]

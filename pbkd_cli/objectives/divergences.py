@@ -13,6 +13,10 @@ Memory: with `chunk_size` set, the valid positions are processed `chunk_size` at
 chunk's log-softmaxes are recomputed in the backward pass, so for a 150k vocabulary over long
 sequences only one chunk of full-vocabulary intermediates exists at a time (plus the gradient of the
 logits, which autograd needs anyway). Logits are upcast to at least float32 chunk by chunk.
+`distillation_loss_from_hidden` goes further (the fused-linear pattern of Liger Kernel's fused linear
+JSD and torchtune's chunked KD loss): it takes both models' final hidden states and output-layer
+weights and computes the logits a chunk at a time, so neither the logits nor their gradient is ever
+whole: peak memory O(chunk_size x V) plus a weight-sized gradient.
 """
 
 from __future__ import annotations
@@ -116,6 +120,55 @@ class _ChunkedSum(torch.autograd.Function):
         return None, grad_student, grad_teacher, None, None, None
 
 
+class _FusedLinearKD(torch.autograd.Function):
+    """Σ over the given positions of `divergence + ce_weight * cross-entropy`, the student's and the
+    teacher's logits (`hidden @ weight.T`) computed a chunk at a time; also returns the two sums apart.
+
+    The gradients of the student's hidden states and weight are accumulated chunk by chunk during the
+    forward pass (the loss is a scalar, so backward only scales them); no chunk's logits outlive it.
+    """
+
+    @staticmethod
+    def forward(ctx, per_position: TokenDivergence, ce_weight: float, hidden: torch.Tensor, weight: torch.Tensor,
+                teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                cols: torch.Tensor, chunk_size: int):
+        need_hidden, need_weight = ctx.needs_input_grad[2:4]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        # Summed over the chunks in at least float32 (a bf16 sum of many chunks would lose the small ones).
+        grad_weight = (torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+                       if need_weight else None)
+        sums = torch.zeros(2, dtype=torch.float64, device=hidden.device)  # divergence, cross-entropy
+        for start in range(0, rows.numel(), chunk_size):
+            r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
+            h = hidden[r, c]
+            teacher_logits = teacher_hidden[r, c] @ teacher_weight.T
+            with torch.enable_grad():
+                logits = (h @ weight.T).requires_grad_(need_hidden or need_weight)
+                divergence = per_position(logits, teacher_logits).sum()
+                ce = torch.nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                                                       targets[r, c], reduction="sum")
+                if need_hidden or need_weight:
+                    (grad_logits,) = torch.autograd.grad(divergence + ce_weight * ce, [logits])
+            # The chain rule through `h @ W.T` by hand, so that no weight-sized gradient is made per chunk.
+            if need_hidden:
+                grad_hidden[r, c] = (grad_logits @ weight).to(grad_hidden.dtype)
+            if need_weight:
+                grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), h.to(grad_weight.dtype))
+            sums += torch.stack([divergence.detach(), ce.detach()]).double()
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        parts = sums.to(dtype)
+        ctx.mark_non_differentiable(parts)
+        return (sums[0] + ce_weight * sums[1]).to(dtype), parts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total: torch.Tensor, _grad_parts):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = lambda grad: None if grad is None else grad * grad_total.to(grad.dtype)  # noqa: E731
+        return None, None, scale(grad_hidden), scale(grad_weight), None, None, None, None, None, None
+
+
 def _masked_token_mean(divergence: TokenDivergence, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                        mask: torch.Tensor, temperature: float, chunk_size: int | None) -> torch.Tensor:
     if student_logits.shape != teacher_logits.shape:
@@ -200,6 +253,43 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
     "skl": skew_forward_kl,
     "srkl": skew_reverse_kl,
 }
+
+
+def _token_divergence(name: str, beta: float = 0.5, alpha: float = 0.1) -> TokenDivergence:
+    """The per-position divergence of `DIVERGENCES[name]` with its parameter, checked as there."""
+    if name == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must lie in (0, 1), got {beta}; use fkl / rkl for the endpoints")
+    if name in ("skl", "srkl") and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    table = {"fkl": _forward_kl, "rkl": _reverse_kl, "jsd": partial(_jsd, beta=beta), "tvd": _tvd,
+             "skl": partial(_skew_forward_kl, alpha=alpha), "srkl": partial(_skew_reverse_kl, alpha=alpha)}
+    if name not in table:
+        raise ValueError(f"unknown divergence {name!r}; expected one of {sorted(table)}")
+    return table[name]
+
+
+def distillation_loss_from_hidden(name: str, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                                  teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, targets: torch.Tensor,
+                                  mask: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024,
+                                  ce_weight: float = 0.0, **kwargs: float) -> tuple[torch.Tensor, float, float]:
+    """`distillation_loss(name, ...) + ce_weight * cross-entropy of targets` over the masked positions,
+    with neither model's logits ever whole: from the final hidden states (`[B, T, d_S]`, `[B, T, d_T]`)
+    and the output layers' weights (`[V, d_S]`, `[V, d_T]`, as `nn.Linear` holds them; both cut to the
+    shared vocabulary), `chunk_size` masked positions at a time; the logits are `hidden @ weight.T`.
+    `targets` (`[B, T]`) is the next token at each position. Gradients reach the student's hidden
+    states and weight; the teacher's inputs are read only. Returns (loss, divergence, cross-entropy),
+    the last two as token means, for logging."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student and teacher output layers cover {student_weight.shape[0]} and "
+                         f"{teacher_weight.shape[0]} tokens; cut both to the shared vocabulary")
+    rows, cols = mask.bool().nonzero(as_tuple=True)
+    count = max(rows.numel(), 1)
+    per_position = partial(_from_logits, _token_divergence(name, **kwargs), temperature=temperature)
+    total, parts = _FusedLinearKD.apply(per_position, ce_weight, student_hidden, student_weight,
+                                        teacher_hidden.detach(), teacher_weight.detach(), targets, rows, cols, chunk_size)
+    return total / count, parts[0].item() / count, parts[1].item() / count
 
 
 def distillation_loss(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,

@@ -313,6 +313,51 @@ def eval_section(rows: list[EvalRow], metrics: list[str]) -> list[str]:
     return [*lines, ""]
 
 
+# The figures of each training stage's summary that its sweep table shows (`final/<key>`: the settled
+# figures of a game), where its runs have them.
+STAGE_FIGURES = {
+    "sft": ("final_train_loss", "test_gold_nll"),
+    "train_rm": ("heldout_accuracy", "heldout_bt_loss", "train_accuracy", "mle_loss"),
+    "dpo": ("heldout_reward_accuracy", "heldout_reward_margin", "heldout_chosen_logprob_change"),
+    "minmax": ("final/heldout_accuracy", "final/sample/accuracy", "final/reward/right_over_wrong",
+               "final/pg/positive_on_wrong"),
+    "collect_prefs": ("pairs", "teacher_sample_accuracy", "student_sample_accuracy"),
+}
+
+
+def _figure(summary: dict, key: str) -> float | None:
+    if key.startswith("final/"):
+        final = summary.get("final")
+        return _number(final.get(key[len("final/"):])) if isinstance(final, dict) else None
+    return _number(summary.get(key))
+
+
+def stage_section(runs: list[RunRecord]) -> list[str]:
+    """One table per training stage run on its own (a sweep, seeds): a row per group of runs (their
+    differing overrides), its figures as mean ± std over the group's runs."""
+    lines = []
+    for stage, keys in STAGE_FIGURES.items():
+        stage_runs = [r for r in runs if r.stage == stage]
+        if not stage_runs:
+            continue
+        groups, common = group_runs(stage_runs)
+        shown = [k for k in keys if any(_figure(r.summary, k) is not None for r in stage_runs)]
+        lines += [f"## {stage} runs", "",
+                  f"Mean ± std over each group's runs ({STD_NOTE})"
+                  + (f"; every run shares {' '.join(f'`{o}`' for o in common)}." if common else "."), "",
+                  "| runs | n | " + " | ".join(_cell(k) for k in shown) + " |",
+                  "| --- | ---: |" + " ---: |" * len(shown)]
+        for group in groups:
+            cells = []
+            for key in shown:
+                values = [(r.seed, v) for r in group.runs if (v := _figure(r.summary, key)) is not None]
+                cells.append("—" if not values else f"{values[0][1]:.4g}" if len(values) == 1
+                             else fmt_stats(Stats(values), 4))
+            lines.append(f"| {_cell(_code(group.label))} | {len(group.runs)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def render_markdown(tops: list[RunRecord], plots: list[tuple[str, str]], warnings: list[str],
                     sources: list[Path]) -> str:
     pipelines = [r for r in tops if r.stage == "pipeline" and r.finished]
@@ -328,6 +373,7 @@ def render_markdown(tops: list[RunRecord], plots: list[tuple[str, str]], warning
         lines += pipeline_section(*group_runs(pipelines))
     if evals:
         lines += eval_section(*eval_rows(evals))
+    lines += stage_section([r for r in tops if r.finished and r.stage not in ("pipeline", "eval")])
     lines += ["## Plots", ""]
     if plots:
         for title, name in plots:

@@ -17,7 +17,7 @@ from pbkd_cli.config.schema import Labeler, PbkdConfig, PrefsFormat
 from pbkd_cli.data import labelers
 from pbkd_cli.data.gsm8k import extract_answer
 from pbkd_cli.data.preferences import PreferencePair, PreferenceWriter
-from pbkd_cli.data.prompts import fit_to_context
+from pbkd_cli.data.prompts import chat_messages, fit_to_context, plain_prompt
 from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import gather, reduce_metrics, seed_everything, shard
 from pbkd_cli.generation.sampler import ResponseSampler, endpoint
@@ -80,7 +80,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
             continue
         ranked = rank(cfg, chunk, teacher_texts, student_texts, random.Random(cfg.seed + start))
         pairs = [
-            PreferencePair(id=f"{ex.id}-it{c.iteration}-{j}", prompt=cfg.data.prompt_template.format(question=ex.question),
+            PreferencePair(id=f"{ex.id}-it{c.iteration}-{j}", prompt=plain_prompt(ex, cfg.data),
+                           messages=chat_messages(ex, cfg.data) if ex.messages else [],
                            chosen=p.chosen.text, rejected=p.rejected.text, question=ex.question, answer=ex.answer,
                            chosen_source=p.chosen.source, rejected_source=p.rejected.source,
                            labeler=c.labeler.value, iteration=c.iteration)

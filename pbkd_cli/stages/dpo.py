@@ -15,7 +15,6 @@ Proxy-KD's alignment of its proxy to the teacher.
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Callable
 
@@ -27,6 +26,7 @@ from pbkd_cli.data.minibatches import Minibatches
 from pbkd_cli.data.prompts import encode_pairs, fit_to_context, pair_batch, pair_examples
 from pbkd_cli.engine import build_engine, save_model
 from pbkd_cli.io import PbkdError
+from pbkd_cli.models.lora import with_lora
 from pbkd_cli.models.roles import load_lm
 from pbkd_cli.objectives.preference_optimization import preference_optimization_loss, response_logprob_sums
 from pbkd_cli.runner import Run
@@ -88,13 +88,12 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     chosen_tokens = lengths(train_ids[1])
     heldout_ids = encode_pairs(heldout, cfg.data, tokenizer) if heldout else None
 
-    # 1. The reference: the policy as it starts, scored once on every pair (then freed).
-    reference = copy.deepcopy(policy).requires_grad_(False)
-    engine = build_engine(policy, trainer, cfg.deepspeed)
-    reference.to(engine.device)
-    ref_train = all_pair_logprobs(reference, *train_ids, pad, score_batch, engine.device)
-    ref_heldout = all_pair_logprobs(reference, *heldout_ids, pad, score_batch, engine.device) if heldout else None
-    del reference
+    # 1. The reference: the policy as it starts, scored once on every pair before its first step (no copy).
+    engine = build_engine(with_lora(policy, getattr(cfg.model, c.model.value).lora, f"model.{c.model.value}"),
+                          trainer, cfg.deepspeed)
+    ref_train = all_pair_logprobs(engine.module, *train_ids, pad, score_batch, engine.device)
+    ref_heldout = all_pair_logprobs(engine.module, *heldout_ids, pad, score_batch, engine.device) if heldout else None
+    engine.train()
 
     batches = Minibatches(len(train), min(trainer.micro_batch_size, len(train)), cfg.seed)
     checkpoints, _, steps = run.resumable_steps("dpo", trainer.max_steps, batches, policy=engine)

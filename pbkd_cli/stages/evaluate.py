@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from pbkd_cli.config.schema import BenchmarkConfig, BenchmarkKind, PbkdConfig
+from pbkd_cli.config.schema import BenchmarkConfig, BenchmarkKind, PbkdConfig, TaskName
 from pbkd_cli.data.benchmarks import instruction_prompt, load_benchmark
 from pbkd_cli.data.gsm8k import extract_answer
-from pbkd_cli.data.prompts import collate, encode_prompts, fit_to_context
+from pbkd_cli.data.prompts import collate, encode_prompts, fit_to_context, gold_response
 from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import gather, inference_device, shard
 from pbkd_cli.generation.sampler import load_sampling_model
@@ -72,8 +72,13 @@ class Scorer:
             prediction = extract_answer(text)
             rows.append({"id": ex.id, "question": ex.question, "answer": ex.answer, "response": text,
                          "prediction": prediction, "correct": prediction == ex.answer})
+        if data.task == TaskName.custom:
+            # Prompt-completion data need not end in a number: the greedy response against the reference.
+            for row, ex in zip(rows, examples):
+                row.update(reference=gold_response(ex), rouge_l=rouge_l(row["response"].strip(), ex.solution.strip()))
         figures = {"n": len(rows), "overlong_prompts": overlong,
                    "accuracy": sum(r["correct"] for r in rows) / len(rows),
+                   **({"rouge_l": sum(r["rouge_l"] for r in rows) / len(rows)} if data.task == TaskName.custom else {}),
                    "finished_fraction": sum(g["finished"] for g in greedy) / len(rows),
                    "mean_response_tokens": sum(g["tokens"] for g in greedy) / len(rows)}
         k = ev.num_samples

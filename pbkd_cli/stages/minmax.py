@@ -34,6 +34,7 @@ from pbkd_cli.game.figures import (HeldoutAccuracy, answer_accuracy, log_iterati
 from pbkd_cli.game.student import (game_prompts, policy_engines, policy_step, rollout_batch, sample_responses,
                                    teacher_answers, widest_prompts)
 from pbkd_cli.models.logits import token_logprobs
+from pbkd_cli.models.lora import with_lora
 from pbkd_cli.models.roles import load_lm
 from pbkd_cli.objectives.policy_gradient import group_advantages, trusted_groups, weigh_negative_advantages
 from pbkd_cli.runner import Run
@@ -43,6 +44,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     c, trainer = cfg.minmax, cfg.trainer
     examples = game_prompts(cfg)
     tokenizer, policy = load_lm(cfg, "student")
+    policy = with_lora(policy, cfg.model.student.lora, "model.student")
     examples, overlong = fit_to_context(examples, examples, cfg.data, tokenizer, "minmax")
     student_prompts = encode_prompts(examples, cfg.data, tokenizer)
     # The prompt pools of the whole game, drawn up front (the teacher answers those alone).

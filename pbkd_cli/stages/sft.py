@@ -27,9 +27,11 @@ from pbkd_cli.engine import build_engine, save_model
 from pbkd_cli.generation import generate
 from pbkd_cli.generation.sampler import ResponseSampler
 from pbkd_cli.io import PbkdError, write_jsonl
-from pbkd_cli.models.logits import next_token_logits
+from pbkd_cli.models.factory import parameter_count
+from pbkd_cli.models.lora import with_lora
+from pbkd_cli.models.logits import final_hidden_states, hidden_state_head, next_token_logits
 from pbkd_cli.models.roles import load_lm, load_teacher
-from pbkd_cli.objectives.divergences import distillation_loss
+from pbkd_cli.objectives.divergences import distillation_loss, distillation_loss_from_hidden
 from pbkd_cli.objectives.language_modeling import response_nll_loss
 from pbkd_cli.runner import Run
 
@@ -92,23 +94,46 @@ def mean_response_nll(model, prompts, responses, pad_id, batch_size, device) -> 
     return total / max(tokens, 1)
 
 
-def sft_step(engine, batch: TokenBatch, require_finite: Callable[[float], None], teacher=None,
-             kd: KDConfig | None = None, vocab_size: int | None = None) -> dict[str, float]:
-    """The stage's step on one micro-batch: the response NLL (SFT, vanilla KD) or, with a teacher, the
-    divergence of its next-token distributions (over the first `vocab_size` logits) plus `kd.ce_weight`
-    x NLL (white-box KD); backward, then the engine's step (an optimiser step at each accumulation
-    boundary). Returns its metrics."""
+def sft_loss(engine, batch: TokenBatch, teacher=None, kd: KDConfig | None = None,
+             vocab_size: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one micro-batch: the response NLL (SFT, vanilla KD) or, with a teacher, the
+    divergence of its next-token distributions (over the first `vocab_size` logits) plus
+    `kd.ce_weight` x NLL (white-box KD), and its metrics.
+
+    White-box KD with `kd.chunk_size` set computes both models' logits from their final hidden states
+    a chunk at a time (`distillation_loss_from_hidden`), so no `[tokens, vocab]` logits are ever whole;
+    where a model's logits are not a plain linear map of its hidden states, or ZeRO-3 partitions its
+    weights, the logits are computed whole and the divergence chunked over them."""
+    heads = (hidden_state_head(engine), hidden_state_head(teacher)) if teacher is not None and kd.chunk_size else None
+    if heads and all(heads):
+        (decoder, weight), (teacher_decoder, teacher_weight) = heads
+        with torch.no_grad():
+            teacher_hidden = final_hidden_states(teacher_decoder, batch)
+        loss, divergence, ce = distillation_loss_from_hidden(
+            kd.loss.value, final_hidden_states(decoder, batch), weight[:vocab_size], teacher_hidden,
+            teacher_weight[:vocab_size], batch.input_ids[:, 1:], batch.response_mask[:, 1:], temperature=kd.temperature,
+            chunk_size=kd.chunk_size, ce_weight=kd.ce_weight, **divergence_parameters(kd))
+        return loss, {"ce": ce, kd.loss.value: divergence, "loss": loss.item()}
     logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     loss, metrics = response_nll_loss(logits, batch.input_ids, batch.response_mask)
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_logits = next_token_logits(teacher, batch, vocab_size)
-        divergence = distillation_loss(kd.loss.value, logits[:, :-1, :vocab_size], teacher_logits,
-                                       batch.response_mask[:, 1:], temperature=kd.temperature,
-                                       chunk_size=kd.chunk_size, **divergence_parameters(kd))
-        metrics = {"ce": metrics["loss"], kd.loss.value: divergence.item()}
-        loss = divergence + kd.ce_weight * loss if kd.ce_weight else divergence
-        metrics["loss"] = loss.item()
+    if teacher is None:
+        return loss, metrics
+    with torch.no_grad():
+        teacher_logits = next_token_logits(teacher, batch, vocab_size)
+    divergence = distillation_loss(kd.loss.value, logits[:, :-1, :vocab_size], teacher_logits,
+                                   batch.response_mask[:, 1:], temperature=kd.temperature,
+                                   chunk_size=kd.chunk_size, **divergence_parameters(kd))
+    metrics = {"ce": metrics["loss"], kd.loss.value: divergence.item()}
+    loss = divergence + kd.ce_weight * loss if kd.ce_weight else divergence
+    metrics["loss"] = loss.item()
+    return loss, metrics
+
+
+def sft_step(engine, batch: TokenBatch, require_finite: Callable[[float], None], teacher=None,
+             kd: KDConfig | None = None, vocab_size: int | None = None) -> dict[str, float]:
+    """The stage's step on one micro-batch: `sft_loss`, backward, then the engine's step (an optimiser
+    step at each accumulation boundary). Returns its metrics."""
+    loss, metrics = sft_loss(engine, batch, teacher, kd, vocab_size)
     require_finite(metrics["loss"])
     engine.backward(loss)
     engine.step()
@@ -141,7 +166,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     prompts = encode_prompts(examples, cfg.data, tokenizer)
     targets = encode_responses(responses, cfg.data, tokenizer)
 
-    engine = build_engine(policy, trainer, cfg.deepspeed)
+    engine = build_engine(with_lora(policy, getattr(cfg.model, role).lora, f"model.{role}"), trainer, cfg.deepspeed)
     batches = Minibatches(len(prompts), trainer.micro_batch_size, cfg.seed)
     checkpoints, resumed, steps = run.resumable_steps("sft", trainer.max_steps, batches, policy=engine)
     window, last_loss = resumed.get("window", []), resumed.get("last_loss")
@@ -181,6 +206,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         "source": cfg.sft.source.value,
         "kd_loss": kd.loss.value if kd.loss is not None else None,
         "train_pairs": len(prompts),
+        "trainable_parameters": parameter_count(engine.module, trainable_only=True),
         "overlong_prompts": overlong,
         "steps": trainer.max_steps,
         # The budget a compute-matched baseline gets: sequences the student was trained on.

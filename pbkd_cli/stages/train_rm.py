@@ -18,6 +18,8 @@ from pbkd_cli.data.minibatches import Minibatches
 from pbkd_cli.data.prompts import TokenBatch, encode_pairs, fit_to_context, pair_batch, pair_examples
 from pbkd_cli.engine import build_engine, save_model
 from pbkd_cli.io import PbkdError
+from pbkd_cli.models.factory import parameter_count
+from pbkd_cli.models.lora import with_lora
 from pbkd_cli.models.reward import ImpliedRewards, batched_rewards, score
 from pbkd_cli.models.roles import load_q_model, load_rm, load_role_tokenizer, load_teacher
 from pbkd_cli.objectives.bradley_terry import bradley_terry_loss, pairwise_accuracy
@@ -57,7 +59,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     prompts, chosen, rejected = encode_pairs(train, cfg.data, tokenizer)
     pad = tokenizer.pad_token_id
     trainer = cfg.trainer
-    engine = build_engine(rm, trainer, cfg.deepspeed)
+    engine = build_engine(with_lora(rm, cfg.model.rm.lora, "model.rm"), trainer, cfg.deepspeed)
     batches = Minibatches(len(train), min(trainer.micro_batch_size, len(train)), cfg.seed)
     checkpoints, _, steps = run.resumable_steps("train-rm", trainer.max_steps, batches, rm=engine)
     for step in steps:
@@ -75,6 +77,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     summary = {
         "prefs_path": str(cfg.train_rm.prefs_path),
         "train_pairs": len(train),
+        "trainable_parameters": parameter_count(engine.module, trainable_only=True),
         "overlong_prompts": overlong,
         "heldout_pairs": len(heldout),
         # The MLE loss on the training pairs: the reference level of the confidence set.

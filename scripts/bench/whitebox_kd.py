@@ -1,10 +1,17 @@
 #!/usr/bin/env python
-"""Tokens/s and peak memory of the white-box distillation step, with and without chunking.
+"""Tokens/s and peak memory of the white-box distillation step: whole logits, chunked divergence,
+and logits computed chunk by chunk from the hidden states.
 
-The step is what a white-box KD update does at the student's output layer: student logits
-`hidden[B, T, d] @ W[d, V]` (W requires grad), the masked token-mean divergence against teacher
-logits (`hidden_t @ W_t`, computed beforehand under no_grad and counted as an input), and the backward
-pass down to `W.grad`. The mask is 0 on the first quarter of each sequence (the prompt) and 1 on the rest.
+The step is what a white-box KD update does at the student's output layer, three ways:
+  whole    student logits `hidden[B, T, d] @ W[d, V]` (W requires grad), the masked token-mean
+           divergence against teacher logits (`hidden_t @ W_t`, computed beforehand under no_grad and
+           counted as an input), and the backward pass down to `W.grad`;
+  chunked  the same with `distillation_loss(chunk_size=...)`: the divergence's intermediates a chunk
+           at a time, the logits and their gradient still whole;
+  hidden   `distillation_loss_from_hidden`: both models' logits computed `chunk_size` positions at a
+           time from `hidden`, `hidden_t` and the weights (what `sft.kd.chunk_size` runs), so no
+           `[B*T, V]` tensor is ever whole; the teacher's logits are not an input.
+The mask is 0 on the first quarter of each sequence (the prompt) and 1 on the rest.
 
 Each (vocab, divergence, chunked?) configuration runs in a fresh spawned process, so that its peak
 memory is its own: on the CPU, the growth of the process's peak RSS (`ru_maxrss`) over its peak
@@ -33,18 +40,29 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from pbkd_cli.objectives.divergences import DIVERGENCES, distillation_loss
+from pbkd_cli.objectives.divergences import DIVERGENCES, distillation_loss, distillation_loss_from_hidden
 
 
-def step(divergence: str, hidden: torch.Tensor, weight: torch.Tensor, teacher_logits: torch.Tensor,
-         mask: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+MODES = ("whole", "chunked", "hidden")
+
+
+def step(mode: str, divergence: str, hidden: torch.Tensor, weight: torch.Tensor, teacher, mask: torch.Tensor,
+         chunk_size: int) -> torch.Tensor:
+    """One step; `teacher` is the teacher's logits, or for `hidden` its (hidden states, weight)."""
     weight.grad = None
-    loss = distillation_loss(divergence, hidden @ weight, teacher_logits, mask, chunk_size=chunk_size)
+    if mode == "hidden":
+        teacher_hidden, teacher_weight = teacher
+        targets = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
+        loss, _, _ = distillation_loss_from_hidden(divergence, hidden, weight.T, teacher_hidden, teacher_weight.T,
+                                                   targets, mask, chunk_size=chunk_size)
+    else:
+        loss = distillation_loss(divergence, hidden @ weight, teacher, mask,
+                                 chunk_size=chunk_size if mode == "chunked" else None)
     loss.backward()
     return loss
 
 
-def measure(vocab: int, divergence: str, chunk_size: int | None, opts: argparse.Namespace) -> dict:
+def measure(vocab: int, divergence: str, mode: str, opts: argparse.Namespace) -> dict:
     """One configuration, run inside its own child process."""
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -52,10 +70,12 @@ def measure(vocab: int, divergence: str, chunk_size: int | None, opts: argparse.
     cuda = device.type == "cuda"
     # Both code paths once on tiny tensors: thread pools, kernels and the autograd engine allocate
     # tens of MiB on first use, which would otherwise land in one configuration's figure.
-    for chunk in (None, 2):
+    for warm in MODES:
         tiny = torch.ones(1, 8, device=device)
-        step(divergence, torch.randn(1, 8, 4, device=device), torch.randn(4, 16, device=device).requires_grad_(),
-             torch.randn(1, 8, 16, device=device), tiny, chunk)
+        teacher = ((torch.randn(1, 8, 4, device=device), torch.randn(4, 16, device=device)) if warm == "hidden"
+                   else torch.randn(1, 8, 16, device=device))
+        step(warm, divergence, torch.randn(1, 8, 4, device=device), torch.randn(4, 16, device=device).requires_grad_(),
+             teacher, tiny, 2)
     generator = torch.Generator().manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -68,8 +88,11 @@ def measure(vocab: int, divergence: str, chunk_size: int | None, opts: argparse.
     # Scaled so that logits are roughly standard normal, as for a trained output layer.
     weight = randn(d, vocab).div_(d ** 0.5).requires_grad_()
     teacher_weight = randn(d, vocab).div_(d ** 0.5)
-    with torch.no_grad():
-        teacher_logits = hidden_t @ teacher_weight
+    if mode == "hidden":
+        teacher = hidden_t, teacher_weight
+    else:
+        with torch.no_grad():
+            teacher = hidden_t @ teacher_weight
     mask = torch.zeros(b, t, device=device)
     mask[:, t // 4:] = 1
     tokens = int(mask.sum())
@@ -87,7 +110,7 @@ def measure(vocab: int, divergence: str, chunk_size: int | None, opts: argparse.
     times = []
     for _ in range(opts.repeats + 1):
         start = time.perf_counter()
-        loss = step(divergence, hidden, weight, teacher_logits, mask, chunk_size)
+        loss = step(mode, divergence, hidden, weight, teacher, mask, opts.chunk_size)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -118,18 +141,19 @@ def main() -> None:
     for vocab in opts.vocab:
         for divergence in opts.divergence:
             results = {}
-            for chunk in (None, opts.chunk_size):
+            for mode in MODES:
                 with ProcessPoolExecutor(1, mp_context=spawn) as pool:  # a fresh process per configuration
-                    results[chunk] = pool.submit(measure, vocab, divergence, chunk, opts).result()
-                r = results[chunk]
-                rows.append(f"| {vocab} | {divergence} | {chunk or 'none'} | {r['tokens_per_s']:,.0f} "
-                            f"| {r['peak_mib']:,.0f} |")
-            full, chunked = results[None], results[opts.chunk_size]
-            grad_diff = (full["grad"] - chunked["grad"]).abs().max().item()
-            checks.append(f"| {vocab} | {divergence} | {positions * vocab * 4 / 2**20:,.0f} "
-                          f"| {full['peak_mib'] / chunked['peak_mib']:.1f}x | {full['loss']:.4f} "
-                          f"| {abs(full['loss'] - chunked['loss']):.1e} | {grad_diff:.1e} "
-                          f"| {full['grad'].abs().max().item():.1e} |")
+                    results[mode] = pool.submit(measure, vocab, divergence, mode, opts).result()
+                r = results[mode]
+                rows.append(f"| {vocab} | {divergence} | {mode} | {r['tokens_per_s']:,.0f} | {r['peak_mib']:,.0f} |")
+            full = results["whole"]
+            for mode in MODES[1:]:
+                other = results[mode]
+                grad_diff = (full["grad"] - other["grad"]).abs().max().item()
+                checks.append(f"| {vocab} | {divergence} | {mode} | {positions * vocab * 4 / 2**20:,.0f} "
+                              f"| {full['peak_mib'] / max(other['peak_mib'], 1e-9):.1f}x | {full['loss']:.4f} "
+                              f"| {abs(full['loss'] - other['loss']):.1e} | {grad_diff:.1e} "
+                              f"| {full['grad'].abs().max().item():.1e} |")
 
     memory = "peak CUDA memory" if opts.device == "cuda" else "peak RSS increase"
     masked = opts.batch * (opts.seq_len - opts.seq_len // 4)
@@ -139,12 +163,12 @@ def main() -> None:
     if masked <= opts.chunk_size:
         print(f"note: {masked} masked positions <= chunk size {opts.chunk_size}, so the loss takes the "
               "unchunked path in both runs\n")
-    print(f"| vocab | divergence | chunk_size | tokens/s | {memory} (MiB) |")
+    print(f"| vocab | divergence | logits (chunk_size {opts.chunk_size}) | tokens/s | {memory} (MiB) |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
-    print("\n| vocab | divergence | one [B*T, V] fp32 (MiB) | peak unchunked/chunked | loss "
+    print("\n| vocab | divergence | against whole | one [B*T, V] fp32 (MiB) | peak whole/this | loss "
           "| abs loss diff | max abs dW diff | max abs dW |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(checks))
 
 

@@ -156,3 +156,26 @@ def test_online_runs_iterations_with_their_own_directories(workdir, trained_teac
     again = ok(pbkd(*args, cwd=workdir))
     assert "already done" in again.stderr + again.stdout
     assert summary(run_dir)["iterations"][0] == result["iterations"][0]
+
+
+def test_lora_students_and_rms_train_through_sft_train_rm_and_the_game(workdir, trained_teacher, prefs, reward_model):
+    from transformers import AutoModelForCausalLM
+
+    sft_dir = workdir / "sft_lora"
+    ok(pbkd("sft", *TINY, "model.student.lora.r=4", "trainer.lr=1e-2", f"hydra.run.dir={sft_dir}", cwd=workdir))
+    full = summary(workdir / "teacher")["trainable_parameters"]
+    assert 0 < summary(sft_dir)["trainable_parameters"] < full / 4
+    assert (sft_dir / "model" / "adapter" / "adapter_config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(sft_dir / "model")  # the merged model, plain
+    rm_dir = workdir / "rm_lora"
+    ok(pbkd("train-rm", *TINY, "model.rm.lora.r=4", f"train_rm.prefs_path={prefs / 'prefs.jsonl'}",
+            f"hydra.run.dir={rm_dir}", cwd=workdir))
+    game_dir = workdir / "minmax_lora"
+    ok(pbkd("minmax", *TINY, *MINMAX, "model.student.lora.r=4", "model.rm.lora.r=4", "minmax.kl_coef=0.1",
+            f"model.teacher.name_or_path={trained_teacher}", f"model.student.name_or_path={sft_dir / 'model'}",
+            f"model.rm.name_or_path={rm_dir / 'model'}", f"minmax.prefs_path={prefs / 'prefs.jsonl'}",
+            f"hydra.run.dir={game_dir}", cwd=workdir))
+    metrics = [json.loads(line) for line in (game_dir / "metrics.jsonl").read_text().splitlines()]
+    # The KL to the adapter-disabled start is measured, and grows from 0 as the adapters move.
+    assert 0 <= metrics[0]["minmax/pg/kl"] < metrics[-1]["minmax/pg/kl"]
+    assert (game_dir / "model" / "adapter").is_dir() and (game_dir / "rm" / "adapter").is_dir()

@@ -189,7 +189,7 @@ def test_malformed_preference_line_names_the_file_and_line(workdir, prefs):
 
 
 @pytest.mark.parametrize("content, message", [("", "no preference pairs"),
-                                               ('{"prompt": "Q", "chosen": "a"}\n', "line 1: missing or non-string 'rejected'")])
+                                               ('{"prompt": "Q", "chosen": "a"}\n', "line 1: missing 'rejected', or neither a string nor a list of messages")])
 def test_empty_or_incomplete_preferences_are_one_line(workdir, content, message):
     path = workdir / "few_prefs.jsonl"
     path.write_text(content)
@@ -325,3 +325,42 @@ def test_collect_prefs_and_eval_under_torchrun_share_the_work_and_write_once(wor
     # Greedy decoding: the same predictions whichever rank made them.
     assert (double / "predictions.jsonl").read_text() == (single / "predictions.jsonl").read_text()
     assert figures(double) == figures(single)
+
+
+def test_sft_and_eval_on_conversational_prompt_completion_data(workdir, tmp_path):
+    def chats(path, offset, rows):
+        path.write_text("".join(json.dumps({"messages": [
+            {"role": "system", "content": "Answer with the sum."},
+            {"role": "user", "content": f"Add {a} and {b}."},
+            {"role": "assistant", "content": f" {a} + {b} = {a + b}. #### {a + b}"}]}) + "\n"
+            for a, b in [(i % 9 + 1, i // 9 + 2) for i in range(offset, offset + rows)]))
+        return path
+
+    custom = ["data.task=custom", f"data.train_path={chats(tmp_path / 'train.jsonl', 0, 48)}",
+              f"data.test_path={chats(tmp_path / 'test.jsonl', 48, 8)}"]
+    run_dir = tmp_path / "sft_custom"
+    ok(pbkd("sft", *TINY, *custom, "trainer.max_steps=24", "trainer.lr=1e-2", f"hydra.run.dir={run_dir}", cwd=workdir))
+    losses = [json.loads(line)["sft/loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.75 * losses[0], losses  # it learns the completions
+    assert summary(run_dir)["train_pairs"] == 48
+    eval_dir = tmp_path / "eval_custom"
+    ok(pbkd("eval", *TINY, *custom, f"model.student.name_or_path={run_dir / 'model'}", f"hydra.run.dir={eval_dir}",
+            cwd=workdir))
+    result = summary(eval_dir)
+    assert result["n"] == 8 and 0.0 <= result["rouge_l"] <= 1.0 and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_a_single_process_run_opens_no_rendezvous_port(workdir):
+    # Another process holds the port the run is told to use: a TCP rendezvous would fail to bind it.
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(taken.getsockname()[1]))
+        proc = subprocess.run([sys.executable, "-m", "pbkd_cli.cli", "sft", *TINY, "trainer.max_steps=2",
+                               "hydra.run.dir=sft_port_taken"], cwd=workdir, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

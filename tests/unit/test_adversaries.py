@@ -107,6 +107,13 @@ def test_the_q_functions_step_raises_its_moment_gap_and_its_student_term_is_diff
     assert figures["q/moment_gap"] == pytest.approx(gap(), abs=0.5)
     rewards = q.rewards(own, own_index, rollout)
     assert rewards.shape == (len(own.texts),) and torch.isfinite(rewards).all()
+    assert torch.allclose(q.rewards(own, own_index), rewards)  # the rollout built from the samples alike
+    # With the teacher's answers in the groups its step still reads the student's own samples only.
+    groups = own.joined([[r] for r in teacher_samples(cfg, tokenizer, examples, idx).response_ids],
+                        [[gold_response(examples[i])] for i in idx])
+    joined = rollout_batch(groups, tokenizer, torch.device("cpu"))
+    own_gap = gap()
+    assert q.step(idx, own, own_index, joined, require_finite=lambda v: None)["q/moment_gap"] == pytest.approx(own_gap)
     logits = policy(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits[:, :-1, :q.vocab_size]
     term, metrics = q.student_term(slice(0, 4), logits[:4])
     term.backward()

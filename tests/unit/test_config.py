@@ -149,8 +149,8 @@ def test_conf_config_yaml_states_the_schema_defaults():
 def test_a_local_data_file_the_task_would_ignore_is_one_line(key):
     with pytest.raises(ConfigError) as err:
         plan_jobs("sft", [f"data.{key}=/data/gsm8k/{key}.jsonl"], multirun=False)
-    assert str(err.value) == (f"data.{key}=/data/gsm8k/{key}.jsonl: only data.task=gsm8k reads a local file "
-                              "(data.task=arithmetic generates its examples; set data=gsm8k)")
+    assert str(err.value) == (f"data.{key}=/data/gsm8k/{key}.jsonl: data.task=arithmetic generates its examples "
+                              "and reads no file (set data=gsm8k, or data.task=custom for prompt/completion rows)")
     assert getattr(typed("data=gsm8k", f"data.{key}=/data/gsm8k/{key}.jsonl").data, key) == f"/data/gsm8k/{key}.jsonl"
 
 

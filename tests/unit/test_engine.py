@@ -50,15 +50,11 @@ def test_inconsistent_batch_or_precision_is_one_line(ds, trainer, message):
 def test_a_zero3_frozen_model_is_partitioned_and_gives_the_logits_of_the_whole_model():
     import copy
 
-    from pbkd_cli.config.schema import ModelConfig, TinyLlamaConfig
     from pbkd_cli.engine import build_frozen_engine
-    from pbkd_cli.models import build_bpe_tokenizer, load_causal_lm
+    from tests.unit.tiny import tiny_lm, tiny_tokenizer
 
-    tokenizer = build_bpe_tokenizer(["1 + 2 = 3", "4 + 5 = 9"] * 20, 80)
-    torch.manual_seed(0)
-    model = load_causal_lm(ModelConfig(tiny=TinyLlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                            num_key_value_heads=2, intermediate_size=64)),
-                           tokenizer, "model.teacher")
+    tokenizer = tiny_tokenizer()
+    model = tiny_lm(tokenizer)
     whole = copy.deepcopy(model).eval()
     engine = build_frozen_engine(model, {"zero_optimization": {"stage": 3}})
     # Each parameter's data lives in its ZeRO-3 partition; the module holds placeholders.

@@ -146,14 +146,15 @@ def test_widest_prompts_keep_each_sample_with_its_own_reward():
     assert kept_rewards.tolist() == [1.0, 1.0, 0.0, 1.0]
 
 
-def test_mm_pbkd_refuses_oversampling_in_one_line_and_its_rl_control_takes_it():
+def test_every_adversary_plays_with_oversampling_and_the_teacher_in_the_group():
     from pbkd_cli.config.schema import GameReward, Variant
 
-    cfg = game_config(oversample=2)
-    cfg.variant = Variant.white_box
-    assert game_problem(cfg).startswith("minmax.oversample=2: MM PbKD trains on every prompt it samples")
-    cfg.minmax.reward = GameReward.correctness
-    assert game_problem(cfg) is None
+    for variant in Variant:
+        for reward in GameReward:
+            cfg = game_config(oversample=2, teacher_in_group=True, distrusted_fraction=0.2, rollouts_per_update=40)
+            cfg.trainer.micro_batch_size = 8
+            cfg.variant, cfg.minmax.reward = variant, reward
+            assert game_problem(cfg) is None, (variant, reward)
 
 
 def test_teacher_answers_join_each_group_after_the_students_own():

@@ -343,3 +343,19 @@ def test_cli_writes_the_report(seeds_multirun, eval_runs, tmp_path):
     text = (out / "report.md").read_text()
     assert "## Pipelines: accuracy by method" in text and "## Evaluations" in text
     assert (out / "rm_accuracy.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_sweep_of_a_training_stage_gets_a_table_of_its_figures(tmp_path):
+    for lr, accuracy in (("1e-4", (0.8, 0.9)), ("1e-3", (0.6, 0.7))):
+        for seed, acc in enumerate(accuracy):
+            write_run(tmp_path / "sweep" / f"{lr}-{seed}", "train_rm", seed,
+                      ["stage=train_rm", "+exp=demo", f"trainer.lr={lr}", f"seed={seed}"],
+                      {"train_pairs": 100, "heldout_accuracy": acc, "mle_loss": 0.5})
+    write_run(tmp_path / "sweep" / "game", "minmax", 0, ["stage=minmax", "+exp=demo"],
+              {"iterations": 2, "final": {"heldout_accuracy": 0.9, "sample/accuracy": 0.85}})
+    text = (write_report([tmp_path / "sweep"], tmp_path / "out", warn=no_warning) / "report.md").read_text()
+    assert "## train_rm runs" in text and "every run shares `+exp=demo`." in text
+    assert "| runs | n | heldout_accuracy | mle_loss |" in text  # figures no run has are left out
+    assert "| `trainer.lr=1e-4` | 2 | 0.8500 ± 0.0500 | 0.5000 ± 0.0000 |" in text
+    assert "| `trainer.lr=1e-3` | 2 | 0.6500 ± 0.0500 | 0.5000 ± 0.0000 |" in text
+    assert "## minmax runs" in text and "| `+exp=demo` | 1 | 0.9 | 0.85 |" in text

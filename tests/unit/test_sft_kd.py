@@ -16,3 +16,33 @@ from pbkd_cli.stages.sft import divergence_parameters
 ])
 def test_each_divergence_gets_its_own_parameter(loss, expected):
     assert divergence_parameters(KDConfig(loss=loss, jsd_beta=0.3, skew_alpha=0.2)) == expected
+
+
+@pytest.mark.parametrize("loss", [Divergence.fkl, Divergence.jsd])
+def test_kd_from_hidden_states_is_the_kd_of_the_whole_logits_in_loss_metrics_and_gradients(loss):
+    import copy
+
+    import torch
+
+    from pbkd_cli.data.prompts import collate
+    from pbkd_cli.models.logits import hidden_state_head
+    from pbkd_cli.stages.sft import sft_loss
+    from tests.unit.tiny import tiny_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    student, teacher = tiny_lm(tokenizer, seed=0), tiny_lm(tokenizer, seed=1).eval()
+    assert hidden_state_head(student) is not None
+    ids = tokenizer(["12 + 30 =", "7 * 6 ="])["input_ids"]
+    batch = collate(ids, [tokenizer(" 42")["input_ids"], tokenizer(" 42 = 7 * 6")["input_ids"]], tokenizer.pad_token_id)
+    results = {}
+    for chunk_size in (None, 2):  # the whole logits; the fused path, two positions at a time
+        model = copy.deepcopy(student)
+        kd = KDConfig(loss=loss, ce_weight=0.5, chunk_size=chunk_size, temperature=1.3)
+        value, metrics = sft_loss(model, batch, teacher, kd, len(tokenizer))
+        value.backward()
+        results[chunk_size] = value.item(), metrics, [p.grad for p in model.parameters()]
+    (whole, whole_metrics, whole_grads), (fused, fused_metrics, fused_grads) = results[None], results[2]
+    assert fused == pytest.approx(whole, rel=1e-5)
+    assert fused_metrics == pytest.approx(whole_metrics, rel=1e-5)
+    for a, b in zip(whole_grads, fused_grads):
+        assert torch.allclose(a, b, atol=1e-6)

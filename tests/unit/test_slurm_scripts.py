@@ -79,6 +79,19 @@ def test_dry_run_without_slurm_passes_stage_and_overrides_with_one_run_dir(scrip
     assert run_dirs(cmd) == ["hydra.run.dir=outputs/minmax/slurm-dryrun"]
 
 
+@pytest.mark.parametrize("script", [SINGLE, MULTI], ids=lambda p: p.name)
+def test_every_stage_of_the_cli_is_accepted(script):
+    from typer.main import get_command
+
+    from pbkd_cli.cli import app
+
+    stages = sorted(set(get_command(app).commands) - {"report", "serve"})
+    assert "dpo" in stages
+    for stage in stages:
+        cmd = dry_run(script, stage)
+        assert cmd[cmd.index("-m") + 2] == stage
+
+
 def test_single_node_is_standalone_with_one_rank_per_gpu():
     cmd = dry_run(SINGLE, "sft", SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="4")
     assert cmd[:3] == ["torchrun", "--standalone", "--nproc_per_node=4"]

@@ -36,10 +36,10 @@ def test_a_chunk_cut_short_by_a_crash_is_dropped_and_redone(tmp_path):
 def test_bad_preference_files_name_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
-    with pytest.raises(PbkdError, match=r"bad.jsonl line 2: missing or non-string 'rejected'"):
+    with pytest.raises(PbkdError, match=r"bad.jsonl line 2: missing 'rejected', or neither a string nor a list of messages"):
         load_preferences(bad)
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "a", "chosen": 3, "rejected": "c"}\n')
-    with pytest.raises(PbkdError, match=r"bad.jsonl line 3: missing or non-string 'chosen'"):   # the file's line
+    with pytest.raises(PbkdError, match=r"bad.jsonl line 3: missing 'chosen', or neither a string nor a list of messages"):   # the file's line
         load_preferences(bad)
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\nnot json\n')
     with pytest.raises(PbkdError, match=r"bad.jsonl line 2: invalid JSON"):

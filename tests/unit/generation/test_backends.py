@@ -78,3 +78,23 @@ def test_samples_groups_keep_whole_prompt_groups_in_the_given_order():
     assert kept.prompt_ids == [[3], [3], [1], [1]] and kept.response_ids == [[30], [31], [10], [11]]
     assert kept.texts == ["e", "f", "a", "b"] and kept.finished == [False, True, True, False]
     assert kept.num_samples == 2
+
+
+def test_hugging_face_generation_progress_counts_prompts_as_their_batch_finishes():
+    from pbkd_cli.generation import generate
+    from tests.unit.tiny import tiny_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_lm(tokenizer, hidden=16)
+    seen: list[tuple[int, int]] = []  # (total the bar was given, prompts counted so far)
+
+    def progress(iterable, total):
+        for n, item in enumerate(iterable, 1):
+            seen.append((total, n))
+            yield item
+
+    prompts = [tokenizer("1 + 2 =")["input_ids"]] * 5
+    samples = generate(model, tokenizer, prompts, num_samples=2, temperature=1.0, max_new_tokens=3, batch_size=4,
+                       progress=progress)
+    assert len(samples.texts) == 10
+    assert seen == [(5, n) for n in range(1, 6)]  # 5 prompts in 3 batches of 2, 2 and 1

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from pbkd_cli.objectives.divergences import (DIVERGENCES, distillation_loss, forward_kl, generalized_jsd,
-                                             reverse_kl, skew_forward_kl, skew_reverse_kl, total_variation)
+from pbkd_cli.objectives.divergences import (DIVERGENCES, distillation_loss, distillation_loss_from_hidden, forward_kl,
+                                             generalized_jsd, reverse_kl, skew_forward_kl, skew_reverse_kl,
+                                             total_variation)
 
 F64 = torch.float64
 B, T, V = 3, 5, 7
@@ -197,3 +198,45 @@ def test_distillation_loss_dispatches_and_rejects_unknown_names():
     assert set(DIVERGENCES) == {"fkl", "rkl", "jsd", "tvd", "skl", "srkl"}
     with pytest.raises(ValueError):
         distillation_loss("kl", student, teacher, MASK)
+
+
+# -- from hidden states (the logits never whole) ------------------------------------------------
+
+def hidden_inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, 4, generator=g, dtype=F64).requires_grad_()
+    weight = torch.randn(V, 4, generator=g, dtype=F64).requires_grad_()
+    teacher_hidden, teacher_weight = torch.randn(B, T, 6, generator=g, dtype=F64), torch.randn(V, 6, generator=g, dtype=F64)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    return hidden, weight, teacher_hidden, teacher_weight, targets
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_from_hidden_states_equals_the_float64_reference_in_value_and_gradients(name, chunk_size):
+    hidden, weight, teacher_hidden, teacher_weight, targets = hidden_inputs(3)
+    student_logits = hidden @ weight.T
+    divergence = reference_loss(name, student_logits, teacher_hidden @ teacher_weight.T, MASK, temperature=1.5,
+                                **PARAMS[name])
+    log_probs = torch.log_softmax(student_logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    ce = -(log_probs * MASK).sum() / MASK.sum()
+    expected = divergence + 0.5 * ce
+    want = torch.autograd.grad(expected, [hidden, weight])
+    loss, divergence_value, ce_value = distillation_loss_from_hidden(
+        name, hidden, weight, teacher_hidden, teacher_weight, targets, MASK, temperature=1.5, chunk_size=chunk_size,
+        ce_weight=0.5, **PARAMS[name])
+    got = torch.autograd.grad(loss, [hidden, weight])
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-12)
+    assert divergence_value == pytest.approx(divergence.item(), abs=1e-12) and ce_value == pytest.approx(ce.item(), abs=1e-12)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-12)
+
+
+def test_from_hidden_states_leaves_the_teacher_alone_and_checks_the_vocabularies():
+    hidden, weight, teacher_hidden, teacher_weight, targets = hidden_inputs(4)
+    teacher_weight.requires_grad_()
+    loss, _, _ = distillation_loss_from_hidden("fkl", hidden, weight, teacher_hidden, teacher_weight, targets, MASK)
+    loss.backward()
+    assert teacher_weight.grad is None and weight.grad is not None
+    with pytest.raises(ValueError, match="cover 7 and 6 tokens"):
+        distillation_loss_from_hidden("fkl", hidden, weight, teacher_hidden, teacher_weight[:6], targets, MASK)
