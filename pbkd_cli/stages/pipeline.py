@@ -70,7 +70,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     # The Q-function's implied reward reads the teacher's probabilities: it needs the trained teacher.
     rm = step(fit, "train_rm", [*teacher, f"train_rm.prefs_path={offline_prefs['prefs_path']}",
                                 *([f"model.rm.name_or_path={backbone}"] if backbone else [])])
-    # MM PbKD's student step matches moments on every prompt it samples, on its own samples only.
+    # MM PbKD's student step matches moments on every prompt it samples, on its own samples only: on the
+    # demo the black-box game's group settings cost it another point (README, MM PbKD controls).
     own_samples = ["minmax.oversample=1", "minmax.teacher_in_group=false", "minmax.rollouts_per_update=null",
                    "minmax.distrusted_fraction=0"]
     game = [*teacher, sft_student, *answers, *(own_samples if white_box else []),

