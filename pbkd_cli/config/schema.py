@@ -601,7 +601,7 @@ def contradiction(cfg: "PbkdConfig") -> str | None:
         if key not in STAGE_NAMES and key not in STEP_NAMES and not key.startswith("eval/"):
             return (f"stage_overrides.{key}: no stage or pipeline step has this name (stages: "
                     f"{', '.join(STAGE_NAMES)}; steps: {', '.join(STEP_NAMES)})")
-    zero = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) if isinstance(cfg.deepspeed, dict) else 0
+    zero = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
     for role in ("student", "rm"):
         lora = getattr(cfg.model, role).lora
         if lora.r and zero == 3:

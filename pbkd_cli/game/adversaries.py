@@ -138,6 +138,10 @@ class QFunction(AnchoredAdversary):
         self._expert: tuple[TokenBatch, torch.Tensor] | None = None
         self._q_values = None
 
+    def rollout(self, samples) -> TokenBatch:
+        """The samples' (prompt, response) rows, in the student's vocabulary (which the Q shares)."""
+        return collate(samples.prompt_ids, samples.response_ids, self.pad).to(self.engine.device)
+
     def expert_probs(self, rollout: TokenBatch) -> torch.Tensor:
         """pi_E(. | s_h) at every state of the rollout, computed once per rollout."""
         if self._expert is None or self._expert[0] is not rollout:
@@ -147,7 +151,7 @@ class QFunction(AnchoredAdversary):
     def step(self, idx: list[int], own, own_index: list[int], rollout: TokenBatch, require_finite) -> dict[str, float]:
         c, w = self.cfg.minmax, self.cfg.minmax.white_box
         if rollout.input_ids.shape[0] != len(own.response_ids):  # the teacher's answers joined the groups
-            rollout = collate(own.prompt_ids, own.response_ids, self.pad).to(self.engine.device)
+            rollout = self.rollout(own)
         actions, mask = rollout.input_ids[:, 1:], rollout.response_mask[:, 1:]
         expert = self.expert_probs(rollout)
         old_probs = next_token_probs(self.policy, rollout, self.vocab_size) if w.expected_student_term else None
@@ -168,7 +172,7 @@ class QFunction(AnchoredAdversary):
         """The implied rewards of the rollout (of `groups`, built here when not given); their Q-values
         are kept for the student term."""
         if rollout is None:
-            rollout = collate(groups.prompt_ids, groups.response_ids, self.pad).to(self.engine.device)
+            rollout = self.rollout(groups)
         expert = self.expert_probs(rollout)
         self._q_values = next_token_logits(self.engine.module, rollout, self.vocab_size)
         return implied_rewards(self._q_values, expert, rollout.input_ids[:, 1:], rollout.response_mask[:, 1:],

@@ -106,7 +106,10 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int 
     # ZeRO-3 gathers each layer's weights from all ranks inside every forward pass, so the ranks must
     # keep decoding in step until the last of them is done (DeepSpeed marks its partitioned weights).
     synced = torch.distributed.is_initialized() and any(hasattr(p, "ds_id") for p in model.parameters())
-    done = iter(progress(range(len(prompt_ids)), len(prompt_ids)))
+    ticks = iter(progress(range(len(prompt_ids)), len(prompt_ids)))
+    # The first tick starts the progress clock before the first batch (counting one prompt early), so
+    # the rate covers every batch.
+    ahead = int(next(ticks, None) is not None)
     for batch in batches:
         ids, mask = _left_pad([prompt_ids[i] for i in batch], tokenizer.pad_token_id)
         out = model.generate(
@@ -121,9 +124,10 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int 
             for row in generated[j * num_samples:(j + 1) * num_samples]:
                 rows.append(row[: row.index(eos) + 1] if eos in row else row)
             responses[index] = rows
-        for _ in batch:
-            next(done, None)
-    for _ in done:  # closes the bar
+        for _ in range(len(batch) - ahead):
+            next(ticks, None)
+        ahead = 0
+    for _ in ticks:  # closes the bar
         pass
     model.train(was_training)
     flat = [r for i in range(len(prompt_ids)) for r in responses[i]]

@@ -158,7 +158,7 @@ def test_online_runs_iterations_with_their_own_directories(workdir, trained_teac
     assert summary(run_dir)["iterations"][0] == result["iterations"][0]
 
 
-def test_lora_students_and_rms_train_through_sft_train_rm_and_the_game(workdir, trained_teacher, prefs, reward_model):
+def test_lora_students_and_rms_train_through_sft_dpo_train_rm_and_the_game(workdir, trained_teacher, prefs, reward_model):
     from transformers import AutoModelForCausalLM
 
     sft_dir = workdir / "sft_lora"
@@ -167,6 +167,14 @@ def test_lora_students_and_rms_train_through_sft_train_rm_and_the_game(workdir, 
     assert 0 < summary(sft_dir)["trainable_parameters"] < full / 4
     assert (sft_dir / "model" / "adapter" / "adapter_config.json").is_file()
     AutoModelForCausalLM.from_pretrained(sft_dir / "model")  # the merged model, plain
+    dpo_dir = workdir / "dpo_lora"
+    ok(pbkd("dpo", *TINY, "model.student.lora.r=4", f"dpo.prefs_path={prefs / 'prefs.jsonl'}", "dpo.beta=0.5",
+            "trainer.max_steps=12", "trainer.micro_batch_size=8", "trainer.lr=1e-2", "trainer.log_every=1",
+            f"hydra.run.dir={dpo_dir}", cwd=workdir))
+    dpo_metrics = [json.loads(line) for line in (dpo_dir / "metrics.jsonl").read_text().splitlines()]
+    # Its reference is the start, scored before the first step: margin 0 there, then the adapters move it.
+    assert abs(dpo_metrics[0]["dpo/reward_margin"]) < 1e-4 < dpo_metrics[-1]["dpo/reward_margin"]
+    assert (dpo_dir / "model" / "adapter").is_dir()
     rm_dir = workdir / "rm_lora"
     ok(pbkd("train-rm", *TINY, "model.rm.lora.r=4", f"train_rm.prefs_path={prefs / 'prefs.jsonl'}",
             f"hydra.run.dir={rm_dir}", cwd=workdir))
