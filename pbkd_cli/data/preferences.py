@@ -15,6 +15,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pbkd_cli.data.prompt_completion import completion_text, conversation
 from pbkd_cli.io import PbkdError, atomic_write_json, numbered_jsonl
 
 
@@ -43,8 +44,6 @@ def load_preferences(path: str | Path, what: str = "prefs.path") -> list[Prefere
     """Read a JSONL preference file in TRL's formats: prompt/chosen/rejected as strings, or conversational
     (the prompt a list of messages, chosen and rejected lists of assistant messages). A bad line is one
     error naming its line number."""
-    from pbkd_cli.data.prompt_completion import completion_text, conversation
-
     pairs = []
     known = set(PreferencePair.__dataclass_fields__) - {"extra"}
     for number, row in numbered_jsonl(path, what):
