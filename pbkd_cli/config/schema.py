@@ -88,6 +88,9 @@ class ModelsConfig:
     student: ModelConfig = field(default_factory=ModelConfig)
     # Backbone of the scalar reward model (value head added by `models.load_reward_model`).
     rm: ModelConfig = field(default_factory=ModelConfig)
+    # Proxy-KD's white-box proxy: a model of the teacher's family that we hold, aligned to the teacher
+    # (`pipeline.baselines`), whose token probabilities then teach the student.
+    proxy: ModelConfig = field(default_factory=ModelConfig)
 
 
 @dataclass
@@ -211,6 +214,7 @@ class LoggerConfig:
 class ModelRole(str, Enum):
     teacher = "teacher"
     student = "student"
+    proxy = "proxy"
 
 
 class ResponseSource(str, Enum):
@@ -262,6 +266,9 @@ class SFTConfig:
     source: ResponseSource = ResponseSource.gold
     teacher_samples_per_prompt: int = 1
     teacher_temperature: float = 0.0
+    # source=teacher: JSONL of the teacher's answers ({"id", "response"}, e.g. an earlier run's
+    # teacher_responses.jsonl), `teacher_samples_per_prompt` per prompt, read instead of sampled.
+    teacher_answers_path: Optional[str] = None
     kd: KDConfig = field(default_factory=KDConfig)
 
 
@@ -589,7 +596,8 @@ RANGES: Dict[str, tuple] = {
 # The steps of `pipeline` and `online` (stages/pipeline.py, stages/online.py) whose own
 # `stage_overrides[<step>]` apply on top of their stage's; an evaluation step is `eval/<method>`.
 STEP_NAMES = ("teacher", "vanilla_kd", "vanilla_kd_budget", "kd_fkl", "kd_rkl", "rl_correctness", "offline_prefs",
-              "train_q", "gad", "pbkd_offline", "pbkd_online", "dpkd_prefs", "dpkd", "proxy_kd",
+              "train_q", "gad", "pbkd_offline", "pbkd_online", "dpkd_prefs", "dpkd", "proxy_sft",
+              "proxy_prefs", "proxy_dpo", "proxy_kd",
               "online/collect_prefs", "online/train_rm", "online/train_q", "online/minmax")
 STAGE_NAMES = ("sft", "collect_prefs", "train_rm", "dpo", "minmax", "online", "eval", "pipeline")
 
@@ -602,7 +610,7 @@ def contradiction(cfg: "PbkdConfig") -> str | None:
             return (f"stage_overrides.{key}: no stage or pipeline step has this name (stages: "
                     f"{', '.join(STAGE_NAMES)}; steps: {', '.join(STEP_NAMES)})")
     zero = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
-    for role in ("student", "rm"):
+    for role in ("student", "rm", "proxy"):
         lora = getattr(cfg.model, role).lora
         if lora.r and zero == 3:
             return (f"model.{role}.lora.r={lora.r}: LoRA runs on ZeRO stages 0-2 (the frozen base is replicated, "

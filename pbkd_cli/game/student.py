@@ -10,13 +10,14 @@ from typing import Callable
 import torch
 
 from pbkd_cli.config.schema import PbkdConfig
+from pbkd_cli.data.answers import read_answers
 from pbkd_cli.data.prompts import TokenBatch, collate
 from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import build_engine
 from pbkd_cli.generation import generate
 from pbkd_cli.generation.hf import Samples
 from pbkd_cli.generation.sampler import ResponseSampler
-from pbkd_cli.io import PbkdError, read_jsonl
+from pbkd_cli.io import PbkdError
 from pbkd_cli.models.logits import next_token_logits
 from pbkd_cli.models.lora import AdapterDisabled, is_lora
 from pbkd_cli.objectives.policy_gradient import clipped_policy_gradient_loss, kl_penalty, sequence_logprobs, widest_groups
@@ -42,17 +43,9 @@ def teacher_answers(cfg: PbkdConfig, examples, visited: list[int]) -> dict[int, 
         texts = ResponseSampler(cfg, "teacher").sample([examples[i] for i in visited], c.teacher_samples_per_prompt,
                                                        c.teacher_temperature)
         return dict(zip(visited, texts))
-    by_id: dict[str, list[str]] = {}
-    for row in read_jsonl(c.teacher_answers_path, "minmax.teacher_answers_path"):
-        by_id.setdefault(str(row.get("id")), []).append(str(row.get("response", "")))
-    answers = {}
-    for i in visited:
-        found = by_id.get(examples[i].id, [])
-        if len(found) != c.teacher_samples_per_prompt:
-            raise PbkdError(f"minmax.teacher_answers_path={c.teacher_answers_path}: {len(found)} answers for prompt "
-                            f"{examples[i].id}, minmax.teacher_samples_per_prompt={c.teacher_samples_per_prompt}")
-        answers[i] = found
-    return answers
+    answers = read_answers(c.teacher_answers_path, "minmax.teacher_answers_path", [examples[i] for i in visited],
+                           c.teacher_samples_per_prompt)
+    return dict(zip(visited, answers))
 
 
 def policy_engines(cfg: PbkdConfig, policy):

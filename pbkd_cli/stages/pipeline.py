@@ -7,7 +7,8 @@
                   [controls, black-box: -> min-max with beta 0    = GAD]
       -> T x (collect with the current student, refit, min-max)   = PbKD online
       [baselines, black-box: -> teacher-vs-student pairs -> DPO    = DPKD
-                             -> FKL from that DPO'd proxy          = Proxy-KD]
+                             proxy: SFT on the teacher's answers -> teacher-vs-proxy pairs -> DPO
+                             -> FKL from that proxy on the teacher's answers = Proxy-KD]
       -> for each extra budget above: vanilla KD trained on that many more teacher sequences
     -> exact-match evaluation of every model
 Every method after vanilla KD starts from the vanilla-KD (SFT) student, as in the white-box KD
@@ -44,15 +45,18 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     if cfg.pipeline.train_teacher:
         teacher_dir = step("teacher", "sft", ["sft.model=teacher", "sft.source=gold"])["model_dir"]
     teacher = [f"model.teacher.name_or_path={teacher_dir}"] if teacher_dir else []
-    vanilla_kd = [*teacher, "sft.model=student", "sft.source=teacher"]
-    vanilla = step("vanilla_kd", "sft", vanilla_kd)
+    vanilla = step("vanilla_kd", "sft", [*teacher, "sft.model=student", "sft.source=teacher"])
     sft_student = f"model.student.name_or_path={vanilla['model_dir']}"
+    # Every later SFT on the teacher's answers reads vanilla KD's back instead of asking the teacher again.
+    teacher_answers = run.dir / "vanilla_kd" / "teacher_responses.jsonl"
+    on_answers = ["sft.source=teacher", f"sft.teacher_answers_path={teacher_answers}"]
+    vanilla_kd = [*teacher, "sft.model=student", *on_answers]
     # The games compare the student with (and may imitate) the teacher's answers that vanilla KD was
     # trained on: read them back rather than have the teacher answer again in every game.
     c, s = cfg.minmax, cfg.sft
     same_answers = (c.teacher_samples_per_prompt, c.teacher_temperature) == (s.teacher_samples_per_prompt,
                                                                               s.teacher_temperature)
-    answers = [f"minmax.teacher_answers_path={run.dir / 'vanilla_kd' / 'teacher_responses.jsonl'}"] if same_answers else []
+    answers = [f"minmax.teacher_answers_path={teacher_answers}"] if same_answers else []
     white_box = cfg.variant == Variant.white_box
     trained = {}  # method -> summary of the run that trained it from the vanilla-KD student
     if white_box:
@@ -94,12 +98,16 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         dpkd_prefs = step("dpkd_prefs", "collect_prefs", [*teacher, sft_student,
                                                           "collect_prefs.labeler=teacher_preferred"])
         dpkd = trained["DPKD"] = step("dpkd", "dpo", [sft_student, f"dpo.prefs_path={dpkd_prefs['prefs_path']}"])
-        # Proxy-KD: a white-box proxy aligned to the teacher by SFT on its answers, then by preference
-        # optimisation with its answers preferred over the proxy's, then distilled into the student by
-        # white-box KD. Here the proxy has the student's architecture, so its two alignment steps are
-        # vanilla KD and the DPKD step above; the distillation is FKL on the proxy's greedy answers.
+        # Proxy-KD: a white-box proxy (`model.proxy`, of the teacher's family) aligned to the teacher by SFT
+        # on its answers, then by DPO with the teacher's answers preferred over the proxy's own; then the
+        # student learns the teacher's answers with the proxy's token probabilities as targets (FKL).
+        proxy_sft = step("proxy_sft", "sft", ["sft.model=proxy", *on_answers])
+        proxy_prefs = step("proxy_prefs", "collect_prefs", [
+            *teacher, f"model.student.name_or_path={proxy_sft['model_dir']}", "collect_prefs.labeler=teacher_preferred"])
+        proxy = step("proxy_dpo", "dpo", [f"model.student.name_or_path={proxy_sft['model_dir']}",
+                                          f"dpo.prefs_path={proxy_prefs['prefs_path']}"])
         trained["Proxy-KD"] = step("proxy_kd", "sft", [
-            f"model.teacher.name_or_path={dpkd['model_dir']}", "sft.model=student", "sft.source=teacher", sft_student,
+            "sft.model=student", *on_answers, f"model.teacher.name_or_path={proxy['model_dir']}", sft_student,
             "sft.kd.loss=fkl"])
 
     # Compute-matched baselines: vanilla KD continued on teacher samples, one per budget used above.

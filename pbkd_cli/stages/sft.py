@@ -20,6 +20,7 @@ import torch
 
 from pbkd_cli.config.schema import Divergence, KDConfig, PbkdConfig, ResponseSource
 from pbkd_cli.data.gsm8k import HubUnavailable
+from pbkd_cli.data.answers import read_answers
 from pbkd_cli.data.minibatches import Minibatches
 from pbkd_cli.data.prompts import TokenBatch, collate, encode_prompts, encode_responses, fit_to_context, gold_response
 from pbkd_cli.data.tasks import load_examples
@@ -38,15 +39,21 @@ from pbkd_cli.runner import Run
 log = logging.getLogger("pbkd")
 
 
-def teacher_responses(cfg: PbkdConfig, run: Run, examples, sampler: ResponseSampler) -> tuple[list, list[str]]:
-    """Sample the teacher's answers to the training prompts (saved beside the run for inspection)."""
+def teacher_responses(cfg: PbkdConfig, run: Run, examples, tokenizer, teacher=None) -> tuple[list, list[str]]:
+    """The teacher's answers to the training prompts: read from `sft.teacher_answers_path`, or sampled
+    (from the white-box KD teacher already loaded, if any) and saved beside the run, where later stages
+    (the games, the compute-matched rows, Proxy-KD) read them back."""
     k = cfg.sft.teacher_samples_per_prompt
-    texts = sampler.sample(
-        examples, k, cfg.sft.teacher_temperature,
-        progress=lambda it, total: run.tracker.progress(it, total, desc="teacher samples"))
+    if cfg.sft.teacher_answers_path is not None:
+        texts = read_answers(cfg.sft.teacher_answers_path, "sft.teacher_answers_path", examples, k)
+    else:
+        shared = {} if teacher is None else {"model": getattr(teacher, "module", teacher), "tokenizer": tokenizer}
+        texts = ResponseSampler(cfg, "teacher", **shared).sample(
+            examples, k, cfg.sft.teacher_temperature,
+            progress=lambda it, total: run.tracker.progress(it, total, desc="teacher samples"))
     repeated = [ex for ex in examples for _ in range(k)]
     flat = [text for group in texts for text in group]
-    if run.is_main:
+    if run.is_main and cfg.sft.teacher_answers_path is None:
         write_jsonl(run.dir / "teacher_responses.jsonl",
                     [{"id": ex.id, "question": ex.question, "response": text} for ex, text in zip(repeated, flat)])
     return repeated, flat
@@ -154,13 +161,13 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     examples, overlong = fit_to_context(examples, examples, cfg.data, tokenizer, "sft train")
     test = load_test_split(cfg)
     teacher = load_teacher(cfg, tokenizer) if kd.loss is not None else None
+    if cfg.sft.teacher_answers_path is not None and cfg.sft.source != ResponseSource.teacher:
+        raise PbkdError("sft.teacher_answers_path: set with sft.source=gold; the teacher's answers are read "
+                        "only with sft.source=teacher")
     if cfg.sft.source == ResponseSource.teacher:
         if role == "teacher":
             raise PbkdError("sft.source=teacher: the teacher cannot be distilled into itself (set sft.model=student)")
-        # White-box KD reads the same teacher's logits: load it once.
-        shared = {} if teacher is None else {"model": getattr(teacher, "module", teacher), "tokenizer": tokenizer}
-        sampler = ResponseSampler(cfg, "teacher", **shared)
-        examples, responses = teacher_responses(cfg, run, examples, sampler)
+        examples, responses = teacher_responses(cfg, run, examples, tokenizer, teacher)
     else:
         responses = [gold_response(ex) for ex in examples]
     prompts = encode_prompts(examples, cfg.data, tokenizer)

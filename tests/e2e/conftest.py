@@ -28,7 +28,7 @@ TINY = [
     "model.teacher.api.cache_dir=null",
     "collect_prefs.judge.cache_dir=null",
 ]
-for role in ("teacher", "student", "rm"):
+for role in ("teacher", "student", "rm", "proxy"):
     TINY += [f"model.{role}.tiny.hidden_size=32", f"model.{role}.tiny.num_hidden_layers=1",
              f"model.{role}.tiny.num_attention_heads=2", f"model.{role}.tiny.num_key_value_heads=2",
              f"model.{role}.tiny.intermediate_size=64"]

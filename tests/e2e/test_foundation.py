@@ -24,9 +24,23 @@ def test_pipeline_with_the_paper_baselines_trains_dpkd_and_proxy_kd(workdir):
     dpkd = OmegaConf.load(run_dir / "dpkd" / "config.yaml")
     assert dpkd.dpo.prefs_path == summary(run_dir / "dpkd_prefs")["prefs_path"]
     assert dpkd.model.student.name_or_path == str(run_dir / "vanilla_kd" / "model")
+    # Proxy-KD: its own proxy (model.proxy), SFT on the teacher's answers, DPO on teacher-over-proxy
+    # pairs, then FKL from it into the vanilla-KD student on the same teacher answers.
+    answers = str(run_dir / "vanilla_kd" / "teacher_responses.jsonl")
+    proxy_sft = OmegaConf.load(run_dir / "proxy_sft" / "config.yaml")
+    assert proxy_sft.sft.model == "proxy" and proxy_sft.sft.teacher_answers_path == answers
+    assert summary(run_dir / "proxy_sft")["train_pairs"] == summary(run_dir / "vanilla_kd")["train_pairs"]
+    proxy_prefs = OmegaConf.load(run_dir / "proxy_prefs" / "config.yaml")
+    assert proxy_prefs.model.student.name_or_path == str(run_dir / "proxy_sft" / "model")
+    assert proxy_prefs.collect_prefs.labeler == "teacher_preferred"
+    assert OmegaConf.load(run_dir / "proxy_dpo" / "config.yaml").model.student.name_or_path == str(
+        run_dir / "proxy_sft" / "model")
     proxy = OmegaConf.load(run_dir / "proxy_kd" / "config.yaml")
-    assert proxy.model.teacher.name_or_path == str(run_dir / "dpkd" / "model") and proxy.sft.kd.loss == "fkl"
+    assert proxy.model.teacher.name_or_path == str(run_dir / "proxy_dpo" / "model") and proxy.sft.kd.loss == "fkl"
     assert proxy.model.student.name_or_path == str(run_dir / "vanilla_kd" / "model")
+    assert proxy.sft.teacher_answers_path == answers
+    # The compute-matched rows read the same answers instead of asking the teacher again.
+    assert OmegaConf.load(run_dir / "vanilla_kd_plus_16" / "config.yaml").sft.teacher_answers_path == answers
 
 
 def test_a_run_directory_that_is_a_file_is_one_line_before_anything_loads(workdir):
@@ -123,6 +137,20 @@ def test_vanilla_kd_trains_the_student_on_teacher_samples(workdir, trained_teach
     rows = [json.loads(line) for line in (run_dir / "teacher_responses.jsonl").read_text().splitlines()]
     assert len(rows) == 96 and summary(run_dir)["source"] == "teacher"
     assert (run_dir / "model" / "model.safetensors").exists()
+
+    # The same answers read back (no teacher loaded: none is configured) train the same student.
+    answers = run_dir / "teacher_responses.jsonl"
+    reread = workdir / "vanilla_reread"
+    ok(pbkd("sft", *TINY, "sft.source=teacher", f"sft.teacher_answers_path={answers}", f"hydra.run.dir={reread}",
+            cwd=workdir))
+    assert summary(reread)["final_train_loss"] == summary(run_dir)["final_train_loss"]
+    assert not (reread / "teacher_responses.jsonl").exists()
+    short = workdir / "short_answers.jsonl"
+    short.write_text("\n".join(answers.read_text().splitlines()[1:]) + "\n")
+    result = pbkd("sft", *TINY, "sft.source=teacher", f"sft.teacher_answers_path={short}", "hydra.run.dir=bad_answers",
+                  cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: sft.teacher_answers_path={short}: 0 answers for prompt")
 
 
 def test_same_config_and_seed_reproduce_the_summary(workdir):

@@ -19,6 +19,14 @@ def test_teacher_preferred_pairs_each_student_sample_with_a_teacher_sample():
     assert len(teacher_preferred(T, S, max_pairs=1)) == 1
 
 
+def test_teacher_preferred_never_pairs_a_student_sample_that_is_a_teacher_sample():
+    copy = Candidate(T[1].text, "student")  # the student wrote what the teacher wrote: no preference
+    pairs = teacher_preferred(T, [copy, S[0], copy, S[2]], max_pairs=4)
+    assert [p.rejected for p in pairs] == [S[0], S[2]]
+    assert all(p.chosen.text != p.rejected.text for p in pairs)
+    assert teacher_preferred(T, [copy], max_pairs=2) == []
+
+
 def test_correctness_prefers_right_answers_whoever_wrote_them():
     pairs = correctness(T + S, answer="8", max_pairs=4)
     assert pairs and all(p.chosen.text.endswith(("8", "8!", "8 ok")) for p in pairs)
