@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,59 @@ def test_slurm_launcher_shows_for_a_sweep():
     assert done.returncode == 0, done.stderr
     launcher = launcher_section(done.stdout)
     assert "submitit" in launcher["_target_"] and launcher["partition"] == "gpu"
+
+
+def fake_cluster(tmp_path: Path, runner: str) -> tuple[dict[str, str], Path, Path]:
+    """A bin folder with `runner` (torchrun or srun) that runs until SIGTERM, then exits 143 as the ranks
+    do once their checkpoint is saved, and an `scontrol` that records its arguments."""
+    bin_dir, calls, started = tmp_path / "bin", tmp_path / "scontrol.calls", tmp_path / "started"
+    bin_dir.mkdir()
+    (bin_dir / runner).write_text(
+        "#!/usr/bin/env bash\ntrap 'echo saved >> \"$PBKD_TEST_DIR/saved\"; exit 143' TERM\n"
+        f"touch {started}\nif [ \"${{PBKD_TEST_EXIT:-}}\" ]; then exit \"$PBKD_TEST_EXIT\"; fi\n"
+        "while true; do sleep 0.1; done\n")
+    (bin_dir / "scontrol").write_text(
+        f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n[ \"$1\" = show ] && echo node1\nexit 0\n")
+    for tool in (runner, "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    if runner == "srun":  # the multi-node script checks that torchrun exists before it calls srun
+        (bin_dir / "torchrun").write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / "torchrun").chmod(0o755)
+    env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NNODES="1",
+                    SLURM_JOB_NODELIST="node1", PBKD_GPUS="1", PBKD_TEST_DIR=str(tmp_path))
+    return env, calls, started
+
+
+def preempt(script: Path, env: dict[str, str], started: Path) -> subprocess.CompletedProcess:
+    """Start the batch script, wait for its run to start, then send what SLURM sends at the time limit."""
+    job = subprocess.Popen([BASH, str(script), "sft", "+exp=demo"], env=env, cwd=ROOT, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert time.monotonic() < deadline and job.poll() is None, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=30)
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err)
+
+
+@pytest.mark.parametrize("script, runner", [(SINGLE, "torchrun"), (MULTI, "srun")], ids=["single", "multi"])
+def test_time_limit_signal_saves_then_requeues_the_job(tmp_path, script, runner):
+    env, calls, started = fake_cluster(tmp_path, runner)
+    done = preempt(script, env, started)
+    assert done.returncode == 0, done.stderr
+    # The run got the signal and finished saving before the job went back to the queue.
+    assert (tmp_path / "saved").read_text() == "saved\n"
+    assert calls.read_text().splitlines()[-1] == "requeue 4242"
+    assert "pre-empted (run exited 143" in done.stderr
+
+
+@pytest.mark.parametrize("script, runner", [(SINGLE, "torchrun"), (MULTI, "srun")], ids=["single", "multi"])
+def test_requeue_off_or_a_failed_run_ends_the_job_with_the_runs_status(tmp_path, script, runner):
+    env, calls, started = fake_cluster(tmp_path, runner)
+    done = preempt(script, {**env, "PBKD_REQUEUE": "0"}, started)
+    assert done.returncode == 143 and "requeue" not in (calls.read_text() if calls.exists() else "")
+    started.unlink()
+    failed = subprocess.run([BASH, str(script), "sft"], env={**env, "PBKD_TEST_EXIT": "3"}, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 3 and "requeue" not in (calls.read_text() if calls.exists() else "")
