@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pbkd_cli.config.schema import PbkdConfig
+from pbkd_cli.hub import prepare_repo, push_model
 from pbkd_cli.io import PbkdError, atomic_write_json, atomic_write_text
 from pbkd_cli.tracking import Tracker
 
@@ -182,9 +183,17 @@ def run_stage(cfg: PbkdConfig, run_dir: Path, overrides: list[str]) -> dict[str,
         deepspeed_config(cfg.deepspeed, cfg.trainer)  # the batch arithmetic, checked before any model loads
     init_process_group()
     seed_everything(cfg.seed)
+    push = cfg.hub.repo_id is not None and dist.is_main
+    if push:
+        prepare_repo(cfg.hub)
     run = Run(cfg, run_dir, overrides, is_main=dist.is_main)
     try:
         summary = stage.run(cfg, run)
+        if push:
+            # Before summary.json: a failed push leaves the run unfinished, and rerunning it pushes again.
+            log.info("hub: pushed %s to %s", summary["model_dir"], push_model(
+                cfg.hub, Path(summary["model_dir"]), f"pbkd {cfg.stage} (seed {cfg.seed}, {run_dir.name})"))
+            summary = {**summary, "hub_repo_id": cfg.hub.repo_id}
         run.finish(summary)
         barrier()  # the next stage on any rank may read what rank 0 just wrote
     finally:

@@ -211,6 +211,21 @@ class LoggerConfig:
     progress_bars: bool = True
 
 
+@dataclass
+class HubConfig:
+    """Push the model a stage trains (`<run dir>/model`: the merged weights, plus `adapter/` with LoRA)
+    to the Hugging Face hub when the stage has finished."""
+
+    # null: no push. The repository is created (private by default) before the stage starts, so a bad
+    # token or name fails before any training, not after.
+    repo_id: Optional[str] = None
+    private: bool = True
+    # The branch to push to (null: the default branch).
+    revision: Optional[str] = None
+    # The environment variable holding the token: read there only, never written to a config or log.
+    token_env: str = "HF_TOKEN"
+
+
 class ModelRole(str, Enum):
     teacher = "teacher"
     student = "student"
@@ -546,6 +561,7 @@ class PbkdConfig:
     # Raw DeepSpeed config (conf/deepspeed/*.yaml); batch sizes and clipping come from `trainer`.
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     collect_prefs: CollectPrefsConfig = field(default_factory=CollectPrefsConfig)
@@ -609,6 +625,10 @@ def contradiction(cfg: "PbkdConfig") -> str | None:
         if key not in STAGE_NAMES and key not in STEP_NAMES and not key.startswith("eval/"):
             return (f"stage_overrides.{key}: no stage or pipeline step has this name (stages: "
                     f"{', '.join(STAGE_NAMES)}; steps: {', '.join(STEP_NAMES)})")
+    if cfg.hub.repo_id is not None and cfg.stage in ("pipeline", "online", "collect_prefs", "eval"):
+        return (f"hub.repo_id={cfg.hub.repo_id}: stage {cfg.stage} trains no one model to push (a pipeline's "
+                f"steps would all push to it); push the run of the model you want, or `huggingface-cli upload` "
+                f"a step's model/ folder")
     zero = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
     for role in ("student", "rm", "proxy"):
         lora = getattr(cfg.model, role).lora
