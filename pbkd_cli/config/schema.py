@@ -536,6 +536,10 @@ class PipelineConfig:
     # The paper's other black-box baselines: DPKD (DPO of the vanilla-KD student on its answers vs the
     # teacher's) and Proxy-KD (a white-box proxy aligned to the teacher, distilled into the student).
     baselines: bool = False
+    # Derive the student from the pretrained `model.student` by keeping only these decoder layers (e.g.
+    # every other layer of the teacher's checkpoint, DistilBERT's initialisation), saved as step
+    # `student_init` and used as the base student; empty: `model.student` as configured.
+    student_layers: List[int] = field(default_factory=list)
 
 
 class Variant(str, Enum):

@@ -195,3 +195,25 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, key: str):
 
 def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def keep_decoder_layers(model, keep: list[int], key: str):
+    """`model` with only the decoder layers `keep` (in order), as DistilBERT initialised its student from
+    every other layer of BERT: the embeddings, final norm and LM head are the pretrained ones, and the
+    config says the new depth, so the saved model reloads as it is in plain transformers."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise PbkdError(f"{key}: cannot find the decoder layers of {type(model).__name__} (a `layers` list under "
+                        f"get_decoder()) to keep {keep}")
+    if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= len(layers):
+        raise PbkdError(f"{key}: {keep}: increasing, distinct layer indices in 0..{len(layers) - 1}")
+    decoder.layers = torch.nn.ModuleList(layers[i] for i in keep)
+    for index, layer in enumerate(decoder.layers):
+        attention = getattr(layer, "self_attn", None)
+        if attention is not None and hasattr(attention, "layer_idx"):
+            attention.layer_idx = index  # the KV cache is indexed by position in the new stack
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    model.config.num_hidden_layers = len(keep)
+    return model

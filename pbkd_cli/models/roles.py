@@ -4,12 +4,14 @@ tokenizer, as the stages use it."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from pbkd_cli.config.schema import PbkdConfig
 from pbkd_cli.data.tasks import tokenizer_corpus
-from pbkd_cli.engine import build_frozen_engine
+from pbkd_cli.engine import build_frozen_engine, save_model
+from pbkd_cli.engine.distributed import barrier
 from pbkd_cli.io import PbkdError
-from pbkd_cli.models.factory import load_causal_lm, load_tokenizer, parameter_count
+from pbkd_cli.models.factory import keep_decoder_layers, load_causal_lm, load_tokenizer, parameter_count
 
 log = logging.getLogger("pbkd")
 
@@ -63,3 +65,17 @@ def load_q_model(cfg: PbkdConfig, student_tokenizer):
     tokenizer = load_role_tokenizer(cfg, "rm")
     require_same_vocab(student_tokenizer, tokenizer, "model.rm")
     return tokenizer, load_causal_lm(cfg.model.rm, tokenizer, "model.rm")
+
+
+def derive_student(cfg: PbkdConfig, path: Path) -> Path:
+    """Save at `path` the student `model.student` with only the decoder layers `pipeline.student_layers`
+    (once: a pipeline that resumes finds it there)."""
+    if not (path / "config.json").is_file():
+        tokenizer, model = load_lm(cfg, "student")
+        before = parameter_count(model)
+        keep_decoder_layers(model, list(cfg.pipeline.student_layers), "pipeline.student_layers")
+        log.info("student_init: layers %s of %s kept (%.2fM of %.2fM parameters)", list(cfg.pipeline.student_layers),
+                 cfg.model.student.name_or_path or "model.student", parameter_count(model) / 1e6, before / 1e6)
+        save_model(model, tokenizer, path)  # rank 0 writes
+    barrier()
+    return path

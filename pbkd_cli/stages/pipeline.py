@@ -1,5 +1,6 @@
 """Every method of the comparison, each step in its own subdirectory, ending with the table.
 
+    [student_layers: the student = those decoder layers of model.student (DistilBERT's initialisation)]
     teacher (demo: fitted on gold) -> vanilla KD (SFT on teacher samples, to convergence)
       [white_box: -> FKL, RKL: white-box KD on the same teacher samples]
       [controls: -> RL with the verifiable reward (what a perfect RM could give)]
@@ -24,6 +25,7 @@ import math
 
 from pbkd_cli.config.schema import ModelRole, PbkdConfig, Variant
 from pbkd_cli.io import PbkdError, atomic_write_text
+from pbkd_cli.models.roles import derive_student
 from pbkd_cli.runner import Run, Steps
 
 
@@ -45,7 +47,11 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     if cfg.pipeline.train_teacher:
         teacher_dir = step("teacher", "sft", ["sft.model=teacher", "sft.source=gold"])["model_dir"]
     teacher = [f"model.teacher.name_or_path={teacher_dir}"] if teacher_dir else []
-    vanilla = step("vanilla_kd", "sft", [*teacher, "sft.model=student", "sft.source=teacher"])
+    base_student = []
+    if cfg.pipeline.student_layers:
+        derived = derive_student(cfg, run.dir / "student_init" / "model")
+        base_student = [f"model.student.name_or_path={derived}", "model.student.gguf_file=null"]
+    vanilla = step("vanilla_kd", "sft", [*teacher, *base_student, "sft.model=student", "sft.source=teacher"])
     sft_student = f"model.student.name_or_path={vanilla['model_dir']}"
     # Every later SFT on the teacher's answers reads vanilla KD's back instead of asking the teacher again.
     teacher_answers = run.dir / "vanilla_kd" / "teacher_responses.jsonl"
@@ -122,7 +128,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     methods = {}
     for name, trained_run in {"teacher": None, **students}.items():
         role = "teacher" if name == "teacher" else "student"
-        model = [f"model.student.name_or_path={trained_run['model_dir']}"] if trained_run else []
+        model = [f"model.student.name_or_path={trained_run['model_dir']}"] if trained_run else base_student
         step_name = f"eval/{name.replace(' ', '_').replace('(', '').replace(')', '').replace('+_', 'plus_')}"
         result = step(step_name, "eval", [*teacher, *model, f"eval.model={role}"])
         methods[name] = {"accuracy": result["accuracy"], "n": result["n"], "run_dir": str(run.dir / step_name),

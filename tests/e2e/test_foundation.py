@@ -5,21 +5,28 @@ from __future__ import annotations
 import json
 
 import yaml
+from omegaconf import OmegaConf
 
 from .conftest import MINMAX, PREFS, TINY, ok, pbkd, summary
 
 
 def test_pipeline_with_the_paper_baselines_trains_dpkd_and_proxy_kd(workdir):
     run_dir = workdir / "pipeline_baselines"
+    # The student is derived from a 3-layer model.student by keeping its layers 0 and 2.
     ok(pbkd("pipeline", *TINY, *PREFS, *MINMAX, "online.iterations=1", "online.prompts_per_iteration=8",
-            "pipeline.controls=false", "pipeline.baselines=true", f"hydra.run.dir={run_dir}", cwd=workdir))
+            "pipeline.controls=false", "pipeline.baselines=true", "model.student.tiny.num_hidden_layers=3",
+            "pipeline.student_layers=[0,2]", f"hydra.run.dir={run_dir}", cwd=workdir))
+    derived = run_dir / "student_init" / "model"
+    assert json.loads((derived / "config.json").read_text())["num_hidden_layers"] == 2
+    for step in ("vanilla_kd", "eval/base_student"):
+        assert OmegaConf.load(run_dir / step / "config.yaml").model.student.name_or_path == str(derived), step
+    assert json.loads((run_dir / "vanilla_kd" / "model" / "config.json").read_text())["num_hidden_layers"] == 2
     methods = summary(run_dir)["methods"]
     # DPO trains on both responses of 4 steps x 4 pairs (32 sequences, the games' budget), Proxy-KD's FKL
     # on 4 x 4 answers: each gets its compute-matched vanilla-KD row.
     assert list(methods) == ["teacher", "base student", "vanilla KD", "vanilla KD + 16 seqs", "vanilla KD + 32 seqs",
                              "PbKD offline", "PbKD online", "DPKD", "Proxy-KD"]
     assert methods["DPKD"]["extra_sequences"] == 32 and methods["Proxy-KD"]["extra_sequences"] == 16
-    from omegaconf import OmegaConf
     assert OmegaConf.load(run_dir / "dpkd_prefs" / "config.yaml").collect_prefs.labeler == "teacher_preferred"
     dpkd = OmegaConf.load(run_dir / "dpkd" / "config.yaml")
     assert dpkd.dpo.prefs_path == summary(run_dir / "dpkd_prefs")["prefs_path"]
@@ -186,7 +193,6 @@ def test_pipeline_prints_and_saves_the_table(workdir):
     assert matched["train_sequences"] == 32 and matched["steps"] == 32 // 4
     assert summary(run_dir / "rl_correctness")["reward"] == "correctness"
     # The games read the teacher's answers vanilla KD was trained on instead of sampling the teacher again.
-    from omegaconf import OmegaConf
     for game in ("rl_correctness", "gad", "pbkd_offline", "pbkd_online/iter1/minmax"):
         played = OmegaConf.load(run_dir / game / "config.yaml")
         assert played.minmax.teacher_answers_path == str(run_dir / "vanilla_kd" / "teacher_responses.jsonl"), game

@@ -144,3 +144,39 @@ def test_gguf_weights_left_packed_or_an_unsaveable_quantizer_stop_before_any_tra
     with pytest.raises(PbkdError, match=r"^org/model-gguf: quantized with gguf, which transformers cannot save "
                                         r"after training; train an unquantized \(safetensors\) checkpoint$"):
         build_engine(gguf_loaded(quantized), TrainerConfig(), {"zero_optimization": {"stage": 0}})
+
+
+def test_keeping_every_other_decoder_layer_is_that_stack_of_the_pretrained_layers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pbkd_cli.engine import save_model
+    from pbkd_cli.models.factory import keep_decoder_layers
+    from tests.unit.tiny import tiny_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    full = tiny_lm(tokenizer, layers=4).eval()
+    reference = tiny_lm(tokenizer, layers=2).eval()  # the same model built with layers 0 and 2 of `full`
+    reference.load_state_dict({**full.state_dict(), **{
+        f"model.layers.{new}.{name}": value for new, old in ((0, 0), (1, 2))
+        for name, value in full.model.layers[old].state_dict().items()}}, strict=False)
+    ids = torch.tensor([tokenizer.encode("12 + 30 = 42")])
+    student = keep_decoder_layers(full, [0, 2], "pipeline.student_layers")
+    assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
+    torch.testing.assert_close(student(ids).logits, reference(ids).logits, rtol=0, atol=0)
+    # The KV cache is indexed by the new positions: cached greedy decoding equals uncached.
+    cached = student.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    uncached = student.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+    save_model(student, tokenizer, tmp_path / "student")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    assert reloaded.config.num_hidden_layers == 2
+    torch.testing.assert_close(reloaded(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("keep", [[], [2, 0], [0, 0], [4], [-1]])
+def test_layer_indices_that_are_not_an_increasing_subset_are_one_line(keep):
+    from pbkd_cli.models.factory import keep_decoder_layers
+    from tests.unit.tiny import tiny_lm, tiny_tokenizer
+
+    with pytest.raises(PbkdError, match=r"^pipeline.student_layers: .*increasing, distinct layer indices in 0..3$"):
+        keep_decoder_layers(tiny_lm(tiny_tokenizer(), layers=4), keep, "pipeline.student_layers")
