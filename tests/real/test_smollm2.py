@@ -181,3 +181,26 @@ def test_collect_prefs_against_pbkd_serve_and_a_short_game(workdir, common, stud
 
     AutoModelForCausalLM.from_pretrained(game_dir / "model")
     AutoModelForSequenceClassification.from_pretrained(game_dir / "rm")
+
+
+def test_a_student_of_every_other_layer_reloads_in_plain_transformers_and_trains(workdir, common):
+    """conf/exp/smollm2.yaml's student: the pipeline's student_init step, then vanilla KD from it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pbkd_cli.config.compose import compose, to_typed
+    from pbkd_cli.models.roles import derive_student
+
+    layers = list(range(0, 30, 2))
+    cfg = to_typed(compose(["stage=pipeline", *common, f"pipeline.student_layers=[{','.join(map(str, layers))}]"]))
+    derived = derive_student(cfg, workdir / "student_init" / "model")
+    model = AutoModelForCausalLM.from_pretrained(derived).eval()
+    assert model.config.num_hidden_layers == 15 and len(model.model.layers) == 15
+    tokenizer = AutoTokenizer.from_pretrained(derived)
+    ids = tokenizer("Question: Mia has 2 apples and buys 3 more.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    trained = pbkd("sft", *common, f"model.student.name_or_path={derived}",
+                   "model.student.gguf_file=null", "sft.source=gold", f"hydra.run.dir={workdir / 'derived_sft'}",
+                   cwd=workdir)
+    assert trained["trainable_parameters"] == sum(p.numel() for p in model.parameters())
+    assert AutoModelForCausalLM.from_pretrained(trained["model_dir"]).config.num_hidden_layers == 15
