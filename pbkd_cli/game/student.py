@@ -96,7 +96,7 @@ def rollout_batch(samples, tokenizer, device) -> TokenBatch:
 StudentTerm = Callable[[slice, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
-def policy_step(cfg: PbkdConfig, engine, rollout: TokenBatch, old_logprobs: torch.Tensor,
+def policy_step(cfg: PbkdConfig, engine, rollout: TokenBatch, old_logprobs: torch.Tensor | None,
                 ref_logprobs: torch.Tensor | None, advantages: torch.Tensor, require_finite: Callable[[float], None],
                 vocab_size: int | None = None, pg_coef: float = 1.0,
                 student_term: StudentTerm | None = None) -> list[dict]:
@@ -105,7 +105,9 @@ def policy_step(cfg: PbkdConfig, engine, rollout: TokenBatch, old_logprobs: torc
 
     Per micro-batch the loss is `pg_coef * clipped PG + kl_coef * KL(pi || pi_ref)` plus
     `student_term(rows, logits)` when given (MM PbKD's moment matching). Log-probabilities are those of
-    the sampling policy softmax(logits / minmax.temperature), as `old_logprobs` must be too.
+    the sampling policy softmax(logits / minmax.temperature), as `old_logprobs` must be too; None
+    means the rollouts were sampled from the weights this step starts from and it takes one optimiser
+    step on them (ppo_epochs 1, one update), so pi_old's log-probs are the step's own, detached.
     Returns each micro-batch's metrics.
     """
     c, micro = cfg.minmax, cfg.trainer.micro_batch_size
@@ -116,8 +118,8 @@ def policy_step(cfg: PbkdConfig, engine, rollout: TokenBatch, old_logprobs: torc
             rows = slice(start, start + micro)
             logits = next_token_logits(engine, rollout.rows(rows), vocab_size)
             logprobs = sequence_logprobs(logits / c.temperature, actions[rows], mask[rows])
-            pg_loss, metrics = clipped_policy_gradient_loss(logprobs, old_logprobs[rows], advantages[rows],
-                                                            mask[rows], c.clip_eps)
+            old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
+            pg_loss, metrics = clipped_policy_gradient_loss(logprobs, old, advantages[rows], mask[rows], c.clip_eps)
             loss = pg_coef * pg_loss
             if student_term is not None:
                 term, term_metrics = student_term(rows, logits)

@@ -86,8 +86,11 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         prompt_index = [i for i in idx for _ in range(k)]
         samples, own_index = groups.head(own), [i for i in idx for _ in range(own)]  # the student's own
         rollout = rollout_batch(groups, tokenizer, policy_engine.device)
-        old_logprobs = token_logprobs(policy_engine.module, rollout, trainer.micro_batch_size, adversary.vocab_size,
-                                      c.temperature)
+        # With one update on the iteration's rollouts, pi_old is the policy that update starts from: the
+        # step's own log-probs, detached, are pi_old's, and a forward pass here would only repeat them.
+        old_logprobs = (None if c.ppo_epochs * c.updates_per_epoch() == 1 else
+                        token_logprobs(policy_engine.module, rollout, trainer.micro_batch_size, adversary.vocab_size,
+                                       c.temperature))
         ref_logprobs = (token_logprobs(reference, rollout, trainer.micro_batch_size, adversary.vocab_size,
                                        c.temperature) if reference else None)
         seconds = {"sample": time.perf_counter() - clock}

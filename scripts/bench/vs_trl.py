@@ -309,14 +309,12 @@ class _CountingCollator:
         return out
 
 
-def run_trl(bench: Bench, trainer, ours: Ours) -> Run:
-    """Train with TRL, taking one step of ours after each of TRL's steps (from the step-end callback,
-    outside TRL's clock): both sides then see the same load from whatever else the machine runs."""
+def alternating(trainer, run: Run, clock: PhaseClock, warmup: int, our_step):
+    """A TrainerCallback that records the wall time of each of the trainer's steps into `run` and then
+    takes one step of ours (`our_step()`, outside the trainer's clock): both sides then see the same
+    load from whatever else the machine runs."""
     from transformers import TrainerCallback
 
-    run = Run()
-    clock = PhaseClock(run)
-    warmup = bench.opts.warmup
     resumed = [0.0]
 
     class Alternate(TrainerCallback):
@@ -330,9 +328,16 @@ def run_trl(bench: Bench, trainer, ours: Ours) -> Run:
             _sync()
             run.durations.append(time.perf_counter() - resumed[0])
             clock.active = state.global_step >= warmup
-            ours.step()
+            our_step()
             resumed[0] = time.perf_counter()
 
+    return Alternate()
+
+
+def run_trl(bench: Bench, trainer, ours: Ours) -> Run:
+    """Train with TRL, taking one step of ours after each of TRL's steps (`alternating`)."""
+    run = Run()
+    clock = PhaseClock(run)
     counter = _CountingCollator(clock.wrap("collate", trainer.data_collator))
     trainer.data_collator = counter
     trainer.compute_loss = clock.wrap("forward+loss", trainer.compute_loss)
@@ -340,7 +345,7 @@ def run_trl(bench: Bench, trainer, ours: Ours) -> Run:
     teacher = getattr(trainer, "teacher_model", None)
     if teacher is not None:
         teacher.forward = clock.wrap("teacher forward", teacher.forward)
-    trainer.add_callback(Alternate())
+    trainer.add_callback(alternating(trainer, run, clock, bench.opts.warmup, ours.step))
     with contextlib.redirect_stdout(io.StringIO()):  # the HF Trainer prints its final metrics
         trainer.train()
     if trainer.accelerator.distributed_type != "NO":

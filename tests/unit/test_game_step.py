@@ -86,6 +86,26 @@ def test_one_step_raises_positive_and_lowers_negative_sequences_from_the_first_u
     assert (change[advantages > 0] > 0).all() and (change[advantages < 0] < 0).all()
 
 
+def test_a_single_update_without_old_logprobs_is_the_same_step_as_with_them():
+    """One update on freshly sampled rollouts: pi_old's log-probs are the step's own (minmax skips
+    that forward pass), so the weights after it equal those of the step given them."""
+    cfg = game_config()
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 300, (5,), generator=generator).tolist() for _ in range(32)]
+    responses = [torch.randint(3, 300, (6,), generator=generator).tolist() for _ in range(32)]
+    advantages = torch.tensor([1.0, -0.5, 0.25, -1.0] * 8)
+    after = []
+    for given in (True, False):
+        tokenizer, policy = tiny_policy(cfg)
+        engine, _ = policy_engines(cfg, policy)
+        rollout = collate(prompts, responses, tokenizer.pad_token_id)
+        old = token_logprobs(engine.module, rollout, 16) if given else None
+        metrics = policy_step(cfg, engine, rollout, old, None, advantages, require_finite=lambda v: None)
+        assert engine.global_steps == 1 and all(m["clip_fraction"] == 0 for m in metrics)
+        after.append(torch.cat([p.detach().flatten() for p in engine.module.parameters()]))
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=1e-7)
+
+
 def toy_reward(response_ids: list[list[int]], vocab: int) -> torch.Tensor:
     """Prefer low token ids: dense, and far from what an untrained model emits."""
     return torch.tensor([-sum(r) / max(1, len(r)) / vocab for r in response_ids])
