@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+
+log = logging.getLogger("pbkd")
 
 
 @dataclass
@@ -67,17 +71,35 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def _stopping(should_stop: Callable[[], bool] | None):
-    """`should_stop` as the stopping criterion `model.generate` takes (None: none)."""
-    if should_stop is None:
-        return None
+# A batch still decoding after this long says how far it is, at most this often: a 0.5B model on a
+# CPU can spend many minutes on one batch, and per-prompt progress moves only when a batch ends.
+BATCH_HEARTBEAT_S = 30.0
+
+
+def _stopping(should_stop: Callable[[], bool] | None, batch: int, batches: int, prompt_tokens: int,
+              max_new_tokens: int):
+    """The criteria `model.generate` is given: `should_stop` (None: none), and a heartbeat that logs
+    the decoding step of a long batch (it never stops anything)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Until(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool, device=input_ids.device)
 
-    return StoppingCriteriaList([Until()])
+    class Heartbeat(StoppingCriteria):
+        def __init__(self):
+            self.started = self.last = time.monotonic()
+
+        def __call__(self, input_ids, scores, **kwargs):
+            now = time.monotonic()
+            if now - self.last >= BATCH_HEARTBEAT_S:
+                step = input_ids.shape[1] - prompt_tokens
+                log.info("generate: batch %d/%d, token %d/%d (%.3g tokens/s per row)", batch, batches, step,
+                         max_new_tokens, step / (now - self.started))
+                self.last = now
+            return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Heartbeat(), *([Until()] if should_stop is not None else [])])
 
 
 @torch.no_grad()
@@ -110,13 +132,13 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int 
     # The first tick starts the progress clock before the first batch (counting one prompt early), so
     # the rate covers every batch.
     ahead = int(next(ticks, None) is not None)
-    for batch in batches:
+    for number, batch in enumerate(batches, start=1):
         ids, mask = _left_pad([prompt_ids[i] for i in batch], tokenizer.pad_token_id)
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
             top_k=None, num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos, use_cache=True, synced_gpus=synced, stopping_criteria=_stopping(should_stop),
+            eos_token_id=eos, use_cache=True, synced_gpus=synced, stopping_criteria=_stopping(should_stop, number, len(batches), ids.shape[1], max_new_tokens),
         )
         generated = out[:, ids.shape[1]:].tolist()
         for j, index in enumerate(batch):

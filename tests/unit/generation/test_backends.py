@@ -98,3 +98,25 @@ def test_hugging_face_generation_progress_counts_prompts_as_their_batch_finishes
                        progress=progress)
     assert len(samples.texts) == 10
     assert seen == [(5, n) for n in range(1, 6)]  # 5 prompts in 3 batches of 2, 2 and 1
+
+
+def test_a_long_batch_logs_its_decoding_step_and_generates_as_without(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from pbkd_cli.generation import generate, hf
+    from tests.unit.tiny import tiny_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_lm(tokenizer, hidden=16)
+    prompts = [tokenizer("1 + 2 =")["input_ids"]] * 3
+    torch.manual_seed(0)
+    quiet = generate(model, tokenizer, prompts, temperature=1.0, max_new_tokens=4, batch_size=8)
+    monkeypatch.setattr(hf, "BATCH_HEARTBEAT_S", 0.0)  # every decoding step is "long"
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="pbkd"):
+        logged = generate(model, tokenizer, prompts, temperature=1.0, max_new_tokens=4, batch_size=8)
+    assert logged.response_ids == quiet.response_ids
+    beats = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generate: batch")]
+    assert beats and beats[0].startswith("generate: batch 1/1, token 1/4")
