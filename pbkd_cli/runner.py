@@ -67,8 +67,10 @@ def config_as_dict(cfg: PbkdConfig) -> dict:
 
 
 # Settings that change how a run is logged or checkpointed, not what it computes: a run may be resumed
-# with other values of these.
-RESULT_NEUTRAL = ("resume", "logger", "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_checkpoints")
+# with other values of these. The pipeline's row switches only add steps (each a run of its own, reused
+# when done), so a finished pipeline (`make demo`) takes its controls and baselines in its own directory.
+RESULT_NEUTRAL = ("resume", "logger", "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
+                  "pipeline.controls", "pipeline.baselines")
 
 
 def first_difference(old, new, prefix: str = "") -> str | None:

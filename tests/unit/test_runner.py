@@ -13,6 +13,9 @@ def test_first_difference_names_the_first_differing_key_and_skips_logging_and_ch
     assert first_difference(old, {**old, "trainer": {"lr": 2e-3, "log_every": 10}}) == "trainer.lr"
     assert first_difference(old, {**old, "added_by_a_newer_schema": 1}) is None
     assert first_difference(old, {**old, "seed": 1}) == "seed"
+    rows = {"pipeline": {"controls": False, "baselines": False, "train_teacher": True}}
+    assert first_difference(rows, {"pipeline": {"controls": True, "baselines": True, "train_teacher": True}}) is None
+    assert first_difference(rows, {"pipeline": {**rows["pipeline"], "train_teacher": False}}) == "pipeline.train_teacher"
 
 
 def test_a_directory_holding_another_run_is_refused_in_one_line(tmp_path):
