@@ -18,7 +18,7 @@ from pbkd_cli.generation import generate
 from pbkd_cli.generation.hf import Samples
 from pbkd_cli.generation.sampler import ResponseSampler
 from pbkd_cli.io import PbkdError
-from pbkd_cli.models.logits import next_token_logits
+from pbkd_cli.models.logits import next_token_logits, response_logprobs
 from pbkd_cli.models.lora import AdapterDisabled, is_lora
 from pbkd_cli.objectives.policy_gradient import clipped_policy_gradient_loss, kl_penalty, sequence_logprobs, widest_groups
 
@@ -116,8 +116,11 @@ def policy_step(cfg: PbkdConfig, engine, rollout: TokenBatch, old_logprobs: torc
     for _ in range(c.ppo_epochs):
         for start in range(0, actions.shape[0], micro):
             rows = slice(start, start + micro)
-            logits = next_token_logits(engine, rollout.rows(rows), vocab_size)
-            logprobs = sequence_logprobs(logits / c.temperature, actions[rows], mask[rows])
+            if student_term is None:
+                logprobs = response_logprobs(engine, rollout.rows(rows), vocab_size, c.temperature)
+            else:  # the term reads the logits at every response position
+                logits = next_token_logits(engine, rollout.rows(rows), vocab_size)
+                logprobs = sequence_logprobs(logits / c.temperature, actions[rows], mask[rows])
             old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
             pg_loss, metrics = clipped_policy_gradient_loss(logprobs, old, advantages[rows], mask[rows], c.clip_eps)
             loss = pg_coef * pg_loss

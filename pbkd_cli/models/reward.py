@@ -27,10 +27,9 @@ import torch
 from pbkd_cli.config.schema import ModelConfig, RewardPooling
 from pbkd_cli.data.prompts import collate
 from pbkd_cli.models.factory import _check_local, _tiny_llama_config, from_pretrained
-from pbkd_cli.models.logits import next_token_logits, next_token_probs
+from pbkd_cli.models.logits import next_token_logits, next_token_probs, response_logprobs, shared_prompt_forward
 from pbkd_cli.models.lora import unwrapped
 from pbkd_cli.objectives.moment_matching import implied_rewards
-from pbkd_cli.objectives.policy_gradient import sequence_logprobs
 
 
 def _saved_pooling(name_or_path: str) -> str | None:
@@ -65,21 +64,31 @@ def load_reward_model(cfg: ModelConfig, tokenizer, pooling: RewardPooling, key: 
 
 
 def score(model, batch) -> torch.Tensor:
-    """Rewards [B] of a right-padded `TokenBatch` of (prompt + response) rows.
+    """Rewards [B] of a right-padded `TokenBatch` of (prompt + response) rows, computing each distinct
+    prompt once where rows share it (a group of samples, a preference pair: `shared_prompt_forward`).
 
     `model` may be a DeepSpeed engine; the `mean` pooling calls its backbone and head directly.
     """
     module = unwrapped(model)
-    if module.config.reward_pooling == RewardPooling.likelihood.value:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        mask = batch.response_mask[:, 1:]
-        logprobs = sequence_logprobs(logits, batch.input_ids[:, 1:], mask)
-        return logprobs.sum(-1) / mask.sum(-1).clamp_min(1).to(logprobs.dtype)
-    if module.config.reward_pooling == RewardPooling.last.value:
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1).float()
-    hidden = module.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    pooling = module.config.reward_pooling
+    if pooling == RewardPooling.likelihood.value:
+        logprobs = response_logprobs(model, batch)
+        return logprobs.sum(-1) / batch.response_mask[:, 1:].sum(-1).clamp_min(1).to(logprobs.dtype)
+    if pooling == RewardPooling.last.value:
+        # The suffix holds the row's last prompt token, so the classifier's last non-pad token is the row's.
+        shared = shared_prompt_forward(model, batch)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask) if shared is None else shared[0]
+        return out.logits.squeeze(-1).float()
+    shared = shared_prompt_forward(model, batch, forward=module.base_model)
+    if shared is None:
+        hidden = module.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        mask = batch.response_mask
+    else:
+        out, split = shared
+        hidden, mask = out.last_hidden_state, split.suffix_mask.clone()
+        mask[:, 0] = 0  # the row's last prompt token
     per_token = module.score(hidden).squeeze(-1).float()
-    mask = batch.response_mask.to(per_token.dtype)
+    mask = mask.to(per_token.dtype)
     return (per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
 
 
