@@ -33,7 +33,7 @@ from pbkd_cli.models.lora import with_lora
 from pbkd_cli.models.logits import final_hidden_states, hidden_state_head, next_token_logits
 from pbkd_cli.models.roles import load_lm, load_teacher
 from pbkd_cli.objectives.divergences import distillation_loss, distillation_loss_from_hidden
-from pbkd_cli.objectives.language_modeling import response_nll_loss
+from pbkd_cli.objectives.language_modeling import response_nll_loss, response_nll_loss_from_hidden
 from pbkd_cli.runner import Run
 
 log = logging.getLogger("pbkd")
@@ -107,13 +107,23 @@ def sft_loss(engine, batch: TokenBatch, teacher=None, kd: KDConfig | None = None
     divergence of its next-token distributions (over the first `vocab_size` logits) plus
     `kd.ce_weight` x NLL (white-box KD), and its metrics.
 
-    White-box KD with `kd.chunk_size` set computes both models' logits from their final hidden states
-    a chunk at a time (`distillation_loss_from_hidden`), so no `[tokens, vocab]` logits are ever whole;
-    where a model's logits are not a plain linear map of its hidden states, or ZeRO-3 partitions its
-    weights, the logits are computed whole and the divergence chunked over them."""
-    heads = (hidden_state_head(engine), hidden_state_head(teacher)) if teacher is not None and kd.chunk_size else None
-    if heads and all(heads):
-        (decoder, weight), (teacher_decoder, teacher_weight) = heads
+    Where a model's logits are a plain linear map of its final hidden states (`hidden_state_head`), the
+    output layer runs on the response positions only: the NLL projects just those hidden states, and
+    white-box KD with `kd.chunk_size` set computes both models' logits from them a chunk at a time
+    (`distillation_loss_from_hidden`), so no `[tokens, vocab]` logits are ever whole. Otherwise (a
+    bias, scaled or soft-capped logits, weights that ZeRO-3 partitions) the logits are computed whole,
+    and the divergence chunked over them."""
+    head = hidden_state_head(engine)
+    if teacher is None:
+        if head is None:
+            logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return response_nll_loss(logits, batch.input_ids, batch.response_mask)
+        decoder, weight = head
+        return response_nll_loss_from_hidden(final_hidden_states(decoder, batch), weight, batch.input_ids,
+                                             batch.response_mask)
+    teacher_head = hidden_state_head(teacher) if kd.chunk_size else None
+    if head is not None and teacher_head is not None:
+        (decoder, weight), (teacher_decoder, teacher_weight) = head, teacher_head
         with torch.no_grad():
             teacher_hidden = final_hidden_states(teacher_decoder, batch)
         loss, divergence, ce = distillation_loss_from_hidden(
@@ -123,8 +133,6 @@ def sft_loss(engine, batch: TokenBatch, teacher=None, kd: KDConfig | None = None
         return loss, {"ce": ce, kd.loss.value: divergence, "loss": loss.item()}
     logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     loss, metrics = response_nll_loss(logits, batch.input_ids, batch.response_mask)
-    if teacher is None:
-        return loss, metrics
     with torch.no_grad():
         teacher_logits = next_token_logits(teacher, batch, vocab_size)
     divergence = distillation_loss(kd.loss.value, logits[:, :-1, :vocab_size], teacher_logits,

@@ -40,3 +40,24 @@ def test_loss_is_the_token_mean_over_the_batch():
     logp = torch.log_softmax(logits, -1)
     terms = [-logp[b, t - 1, input_ids[b, t]] for b in range(2) for t in range(1, 4) if response_mask[b, t]]
     assert torch.isclose(loss, torch.stack(terms).mean())
+
+
+def test_nll_from_hidden_states_is_the_nll_of_their_whole_logits_in_value_and_gradients():
+    from pbkd_cli.objectives.language_modeling import response_nll_loss_from_hidden
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    input_ids = torch.randint(0, 5, (2, 5))
+    response_mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])
+    padded_logits = torch.cat([hidden @ weight.T, torch.zeros(2, 1, 5, dtype=torch.float64)], dim=1)
+    whole, whole_metrics = response_nll_loss(padded_logits, input_ids, response_mask)
+    whole_grads = torch.autograd.grad(whole, (hidden, weight))
+    fused, fused_metrics = response_nll_loss_from_hidden(hidden, weight, input_ids, response_mask)
+    fused_grads = torch.autograd.grad(fused, (hidden, weight))
+    assert torch.isclose(fused, whole, rtol=1e-12, atol=0)
+    assert fused_metrics["response_tokens"] == whole_metrics["response_tokens"] == 5
+    for a, b in zip(fused_grads, whole_grads):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+    # Prompt and padding positions get no gradient.
+    assert torch.equal(fused_grads[0].abs().sum(-1) > 0, response_mask[:, 1:].bool())
