@@ -86,23 +86,29 @@ class RewardModel(AnchoredAdversary):
         self.prompts = encode_prompts(examples, cfg.data, tokenizer)
         self.teacher_ids = {i: encode_responses(t, cfg.data, tokenizer) for i, t in answers.items()}
 
+    def responses(self, samples) -> list[list[int]]:
+        """The RM's ids of the student's samples: the student's own where the vocabularies match."""
+        return samples.response_ids if self.same_vocab else encode_responses(samples.texts, self.cfg.data, self.tokenizer)
+
     def batch(self, prompt_index: list[int], samples) -> TokenBatch:
-        """(prompt, response) rows for the RM, reusing the student's ids when the vocabularies match."""
-        responses = (samples.response_ids if self.same_vocab
-                     else encode_responses(samples.texts, self.cfg.data, self.tokenizer))
-        return collate([self.prompts[i] for i in prompt_index], responses, self.pad).to(self.engine.device)
+        """(prompt, response) rows for the RM."""
+        return collate([self.prompts[i] for i in prompt_index], self.responses(samples), self.pad).to(self.engine.device)
 
     def step(self, idx: list[int], own, own_index: list[int], rollout, require_finite) -> dict[str, float]:
         """Gradient ascent on the Lagrangian (a descent on its negative), `rm_steps` times."""
         c = self.cfg.minmax
-        student_batch = self.batch(own_index, own)
-        teacher_batch = collate([self.prompts[i] for i in idx for _ in range(c.teacher_samples_per_prompt)],
-                                [r for i in idx for r in self.teacher_ids[i]], self.pad).to(self.engine.device)
+        # The teacher's answers and the student's samples of the same prompts in one batch, so that each
+        # prompt runs through the RM once (`score` shares it), not once per side.
+        teacher_index = [i for i in idx for _ in range(c.teacher_samples_per_prompt)]
+        played = collate([self.prompts[i] for i in teacher_index + list(own_index)],
+                         [r for i in idx for r in self.teacher_ids[i]] + self.responses(own),
+                         self.pad).to(self.engine.device)
         self.engine.train()
         for _ in range(c.rm_steps):
             chosen, rejected = score(self.engine, self.pref_batch()).chunk(2)
+            rewards = score(self.engine, played)
             loss, metrics = rm_game_objective(
-                teacher_rewards=score(self.engine, teacher_batch), student_rewards=score(self.engine, student_batch),
+                teacher_rewards=rewards[:len(teacher_index)], student_rewards=rewards[len(teacher_index):],
                 chosen_rewards=chosen, rejected_rewards=rejected, beta=c.beta, reward_l2=c.reward_l2)
             require_finite(loss.item())
             self.engine.backward(loss)

@@ -81,6 +81,28 @@ def test_the_reward_models_step_raises_the_teachers_reward_over_the_students(tmp
     assert rm.pref_batches.state_dict() == {"taken": 10}
 
 
+def test_the_reward_models_step_scores_both_sides_in_one_batch_as_it_would_apart(tmp_path, monkeypatch):
+    from pbkd_cli.game import adversaries
+
+    cfg, examples = game_config(tmp_path)
+    torch.manual_seed(0)
+    tokenizer, _ = load_lm(cfg, "student")
+    idx = [0, 1, 2, 3]
+    rm = RewardModel(cfg, examples, {i: [gold_response(examples[i])] for i in range(len(examples))}, tokenizer)
+    own, teacher = own_samples(cfg, tokenizer, examples, idx), teacher_samples(cfg, tokenizer, examples, idx)
+    own_index = [i for i in idx for _ in range(2)]
+    apart = rm.rewards(teacher, idx), rm.rewards(own, own_index)  # the weights the step starts from
+    scored, played = [], {}
+    real_score, real_objective = adversaries.score, adversaries.rm_game_objective
+    monkeypatch.setattr(adversaries, "score", lambda model, batch: scored.append(len(batch.input_ids))
+                        or real_score(model, batch))
+    monkeypatch.setattr(adversaries, "rm_game_objective", lambda **kw: played.update(kw) or real_objective(**kw))
+    rm.step(idx, own, own_index, None, require_finite=lambda v: None)
+    assert scored == [2 * cfg.minmax.rm_pref_batch, len(idx) + len(own_index)]  # preference pairs; both sides
+    assert torch.allclose(played["teacher_rewards"].detach(), apart[0], atol=1e-5)
+    assert torch.allclose(played["student_rewards"].detach(), apart[1], atol=1e-5)
+
+
 def test_the_q_functions_step_raises_its_moment_gap_and_its_student_term_is_differentiable(tmp_path):
     cfg, examples = game_config(tmp_path)
     cfg.variant = Variant.white_box
