@@ -174,8 +174,10 @@ def hidden_state_head(model):
     """(decoder, output-layer weight `[V, d]`) of a causal LM whose logits are exactly
     `decoder(...).last_hidden_state @ weight.T`, with its weights whole on this rank, or None: a
     ZeRO-3 engine partitions them; a head with a bias, scaled or soft-capped logits (Cohere, Gemma 2)
-    compute other logits. `model` may be a DeepSpeed engine."""
-    if getattr(model, "zero_optimization_partition_weights", lambda: False)():
+    compute other logits. `model` may be a DeepSpeed engine; one with DeepSpeed's `torch_autocast` on
+    gets None too, as that autocast is entered only by the engine's own forward."""
+    if any(getattr(model, name, lambda: False)() for name in ("zero_optimization_partition_weights",
+                                                              "torch_autocast_enabled")):
         return None
     module = unwrapped(model)  # a LoRA model's adapters live in its decoder's layers
     head, config = module.get_output_embeddings(), module.config

@@ -93,3 +93,23 @@ def test_sft_projects_only_the_response_positions_and_equals_the_whole_logits_lo
     assert len(hidden_grads) == len(whole_grads) > 0
     for a, b in zip(hidden_grads, whole_grads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_an_engine_that_partitions_weights_or_autocasts_in_its_forward_gets_no_hidden_state_path():
+    from pbkd_cli.models.logits import hidden_state_head
+    from tests.unit.tiny import tiny_lm, tiny_tokenizer
+
+    class Engine:  # what hidden_state_head reads of a DeepSpeed engine
+        def __init__(self, module, **flags):
+            self.module, self.flags = module, flags
+
+        def zero_optimization_partition_weights(self):
+            return self.flags.get("zero3", False)
+
+        def torch_autocast_enabled(self):
+            return self.flags.get("autocast", False)
+
+    model = tiny_lm(tiny_tokenizer())
+    assert hidden_state_head(Engine(model)) is not None
+    assert hidden_state_head(Engine(model, zero3=True)) is None
+    assert hidden_state_head(Engine(model, autocast=True)) is None
