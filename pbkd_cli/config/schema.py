@@ -372,6 +372,13 @@ class TrainRMConfig:
     # How a fresh value head turns per-token outputs into a reward (kept in the saved RM's config). `last`
     # by default: the saved RM then scores the same in pbkd as in every tool that loads it.
     pooling: RewardPooling = RewardPooling.last
+    # `likelihood` pooling only: the reward is this times the mean response log-probability (SimPO's
+    # beta). A mean log-probability moves by a few hundredths between a right and a wrong answer that
+    # differ in one number, so at scale 1 every pair starts near a BT loss of log 2 and the fit inflates
+    # the margins of the pairs its LM head already ranks right, moving every token's probability, which
+    # costs it the ranking of the few it gets wrong (demo: 0.987 of its pairs ranked right at the start,
+    # 0.961 after the fit). Kept in the saved RM's config.
+    likelihood_scale: float = 1.0
     # Pairs held out (seeded) to report pairwise accuracy; the paper's bar is > 90% before min-max.
     heldout_fraction: float = 0.1
 
@@ -602,7 +609,7 @@ RANGES: Dict[str, tuple] = {
         "minmax.negative_weight", "minmax.kl_coef", "minmax.eval_every", "dpo.sft_weight")},
     **{key: (0, None, False, False) for key in (
         "sft.kd.temperature", "sft.kd.on_policy_temperature", "minmax.temperature", "minmax.clip_eps",
-        "dpo.beta")},
+        "dpo.beta", "train_rm.likelihood_scale")},
     **{key: (0, 1, True, True) for key in ("sft.kd.jsd_beta", "sft.kd.skew_alpha", "sft.kd.on_policy_ratio")},
     "trainer.warmup_ratio": (0, 1, True, False),
     "train_rm.heldout_fraction": (0, 1, True, False),

@@ -9,10 +9,12 @@ How a reward is read off the model is part of the artefact (`config.reward_pooli
     through attention, which small RMs learn far faster. Opt-in, because only pbkd reads it so: any
     other tool loads the checkpoint as a sequence classifier and reads the last token alone, which the
     fit of the mean never pinned down, so its scores there, and even its rankings, differ from pbkd's.
-  - `likelihood`: the mean log-probability the model's own LM head gives the response tokens (a
-    generative RM, SimPO's length-normalised implicit reward without a reference model). It starts as
-    a verifier of what its backbone can do: a student's LM head puts a wrong sum below the right one,
-    where a fresh value head starts at noise. The Bradley-Terry fit then moves that likelihood.
+  - `likelihood`: the mean log-probability the model's own LM head gives the response tokens, times
+    `config.reward_scale` (a generative RM, SimPO's length-normalised implicit reward with its beta,
+    without a reference model). It starts as a verifier of what its backbone can do: a student's LM
+    head puts a wrong sum below the right one, where a fresh value head starts at noise. The
+    Bradley-Terry fit then moves that likelihood; the scale sets how far apart the fit finds the pairs
+    at its start (`train_rm.likelihood_scale`).
 `last` and `mean` save as an `AutoModelForSequenceClassification` checkpoint (`num_labels=1`),
 `likelihood` as an `AutoModelForCausalLM`; transformers, TRL or any other tool loads either back.
 """
@@ -32,23 +34,28 @@ from pbkd_cli.models.lora import unwrapped
 from pbkd_cli.objectives.moment_matching import implied_rewards
 
 
-def _saved_pooling(name_or_path: str) -> str | None:
-    """The pooling a trained RM was fitted with (None for a plain backbone or a hub id)."""
+def _saved_reward_config(name_or_path: str) -> dict:
+    """How a trained RM reads its rewards (`reward_pooling`, `reward_scale`), as it was fitted; empty for a
+    plain backbone or a hub id."""
     config = Path(name_or_path).expanduser() / "config.json"
-    return json.loads(config.read_text()).get("reward_pooling") if config.is_file() else None
+    saved = json.loads(config.read_text()) if config.is_file() else {}
+    return {k: saved[k] for k in ("reward_pooling", "reward_scale") if k in saved}
 
 
-def load_reward_model(cfg: ModelConfig, tokenizer, pooling: RewardPooling, key: str = "model.rm"):
+def load_reward_model(cfg: ModelConfig, tokenizer, pooling: RewardPooling, key: str = "model.rm",
+                      likelihood_scale: float = 1.0):
     """A trained RM from `name_or_path`, or a fresh value head on a backbone (hub, local or tiny).
 
-    `pooling` applies to a fresh head; a trained RM keeps the pooling it was fitted with.
+    `pooling` and `likelihood_scale` apply to a fresh head; a trained RM keeps those it was fitted with.
     """
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM,
                               LlamaForSequenceClassification)
 
+    saved = {}
     if cfg.name_or_path is not None:
         _check_local(cfg.name_or_path, key)
-        pooling = RewardPooling(_saved_pooling(cfg.name_or_path) or pooling.value)
+        saved = _saved_reward_config(cfg.name_or_path)
+        pooling = RewardPooling(saved.get("reward_pooling") or pooling.value)
     generative = pooling == RewardPooling.likelihood
     if cfg.name_or_path is None:
         config = _tiny_llama_config(cfg, tokenizer, key)
@@ -58,6 +65,9 @@ def load_reward_model(cfg: ModelConfig, tokenizer, pooling: RewardPooling, key: 
         auto, head = (AutoModelForCausalLM, {}) if generative else (AutoModelForSequenceClassification, {"num_labels": 1})
         model = from_pretrained(auto, cfg, key, **head)
     model.config.reward_pooling = pooling.value
+    if generative:
+        # An RM fitted before the scale existed was read at scale 1.
+        model.config.reward_scale = saved.get("reward_scale", 1.0 if "reward_pooling" in saved else likelihood_scale)
     # Sequence classifiers find the last real token through pad_token_id.
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -73,7 +83,8 @@ def score(model, batch) -> torch.Tensor:
     pooling = module.config.reward_pooling
     if pooling == RewardPooling.likelihood.value:
         logprobs = response_logprobs(model, batch)
-        return logprobs.sum(-1) / batch.response_mask[:, 1:].sum(-1).clamp_min(1).to(logprobs.dtype)
+        mean = logprobs.sum(-1) / batch.response_mask[:, 1:].sum(-1).clamp_min(1).to(logprobs.dtype)
+        return module.config.reward_scale * mean
     if pooling == RewardPooling.last.value:
         # The suffix holds the row's last prompt token, so the classifier's last non-pad token is the row's.
         shared = shared_prompt_forward(model, batch)

@@ -38,7 +38,8 @@ def load_rm(cfg: PbkdConfig):
     from pbkd_cli.models.reward import load_reward_model
 
     tokenizer = load_role_tokenizer(cfg, "rm")
-    return tokenizer, load_reward_model(cfg.model.rm, tokenizer, cfg.train_rm.pooling)
+    return tokenizer, load_reward_model(cfg.model.rm, tokenizer, cfg.train_rm.pooling,
+                                        likelihood_scale=cfg.train_rm.likelihood_scale)
 
 
 def require_same_vocab(tokenizer, other, key: str) -> None:

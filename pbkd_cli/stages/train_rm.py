@@ -58,7 +58,16 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     heldout, train = split_heldout(pairs, cfg.train_rm.heldout_fraction, cfg.seed)
     prompts, chosen, rejected = encode_pairs(train, cfg.data, tokenizer)
     pad = tokenizer.pad_token_id
-    trainer = cfg.trainer
+    trainer, batch_size = cfg.trainer, cfg.generation.batch_size
+    heldout_ids = encode_pairs(heldout, cfg.data, tokenizer) if heldout else None
+    # Where the fit starts: an LM head (pooling=likelihood) or a Q-function's teacher logits already rank
+    # pairs, and a fit that ends below its start has made the RM worse.
+    mode = rm.training
+    start = {"train_accuracy_at_start": bt_figures(rm.eval(), prompts, chosen, rejected, pad, batch_size, reward)}
+    if heldout_ids:
+        start["heldout_accuracy_at_start"] = bt_figures(rm, *heldout_ids, pad, batch_size, reward)
+    start = {key: round(figures["accuracy"], 6) for key, figures in start.items()}
+    rm.train(mode)
     engine = build_engine(with_lora(rm, cfg.model.rm.lora, "model.rm"), trainer, cfg.deepspeed)
     batches = Minibatches(len(train), min(trainer.micro_batch_size, len(train)), cfg.seed)
     checkpoints, _, steps = run.resumable_steps("train-rm", trainer.max_steps, batches, rm=engine)
@@ -72,7 +81,6 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
 
     save_model(engine, tokenizer, run.dir / "model")
     engine.module.eval()
-    batch_size = cfg.generation.batch_size
     fit = bt_figures(engine.module, prompts, chosen, rejected, pad, batch_size, reward)
     summary = {
         "prefs_path": str(cfg.train_rm.prefs_path),
@@ -84,8 +92,9 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         "mle_loss": round(fit["bt_loss"], 6),
         "train_accuracy": round(fit["accuracy"], 6),
         "model_dir": str(run.dir / "model"),
+        **start,
     }
-    if heldout:
-        held = bt_figures(engine.module, *encode_pairs(heldout, cfg.data, tokenizer), pad, batch_size, reward)
+    if heldout_ids:
+        held = bt_figures(engine.module, *heldout_ids, pad, batch_size, reward)
         summary.update(heldout_accuracy=round(held["accuracy"], 6), heldout_bt_loss=round(held["bt_loss"], 6))
     return summary

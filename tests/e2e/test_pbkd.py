@@ -74,15 +74,18 @@ def test_train_rm_reports_heldout_accuracy_and_saves_a_sequence_classifier(rewar
 def test_train_rm_with_likelihood_pooling_saves_a_causal_lm_that_ranks_the_pairs(workdir, trained_teacher, prefs):
     run_dir = workdir / "rm_likelihood"
     ok(pbkd("train-rm", *TINY, f"train_rm.prefs_path={prefs / 'prefs.jsonl'}", "train_rm.pooling=likelihood",
-            f"model.rm.name_or_path={trained_teacher}", "trainer.lr=1e-3", f"hydra.run.dir={run_dir}", cwd=workdir))
+            "train_rm.likelihood_scale=30", f"model.rm.name_or_path={trained_teacher}", "trainer.lr=1e-3",
+            f"hydra.run.dir={run_dir}", cwd=workdir))
     result = summary(run_dir)
     # The pairs prefer the teacher's answers and the RM's LM head starts as the teacher's: it ranks them
-    # better than chance from the start, and the Bradley-Terry fit keeps it there.
+    # better than chance from the start, and the Bradley-Terry fit keeps it there: read at 30 times the
+    # mean log-probability, the fit does not end below where it started.
     assert result["mle_loss"] < 0.693 and result["train_accuracy"] > 0.5
+    assert result["train_accuracy"] >= result["train_accuracy_at_start"] > 0.5
     from transformers import AutoModelForCausalLM
 
     rm = AutoModelForCausalLM.from_pretrained(run_dir / "model")
-    assert rm.config.reward_pooling == "likelihood"
+    assert rm.config.reward_pooling == "likelihood" and rm.config.reward_scale == 30.0
 
 
 def test_dpo_moves_the_policy_towards_the_chosen_answers(workdir, prefs):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pbkd_cli.config.compose import compose, to_typed
@@ -91,3 +92,36 @@ def test_a_saved_last_rm_scores_the_same_outside_pbkd_and_a_mean_rm_does_not(tmp
             ours = score(rm, batch)
         outside = plain_transformers_scores(tmp_path / pooling.value, batch)
         assert torch.allclose(outside, ours, atol=1e-5) is same, (pooling, outside, ours)
+
+
+def test_likelihood_reward_is_scaled_and_the_scale_survives_saving(tmp_path):
+    tokenizer, rm = tiny_rm(RewardPooling.likelihood)
+    batch = collate([[5, 6, 7], [8]], [[9, 10, 1], [11, 1]], tokenizer.pad_token_id)
+    at_one = score(rm, batch)
+    rm.config.reward_scale = 30.0
+    torch.testing.assert_close(score(rm, batch), 30.0 * at_one)
+    rm.save_pretrained(tmp_path)
+    reloaded = load_reward_model(ModelConfig(name_or_path=str(tmp_path)), tokenizer, RewardPooling.likelihood,
+                                 likelihood_scale=2.0)
+    assert reloaded.config.reward_scale == 30.0, "a trained RM keeps the scale it was fitted with"
+    torch.testing.assert_close(score(reloaded.eval(), batch), score(rm, batch))
+
+
+def test_a_fresh_likelihood_rm_takes_the_configured_scale_and_an_older_fitted_one_reads_at_one(tmp_path):
+    tokenizer, lm = tiny_rm(RewardPooling.likelihood)
+    del lm.config.reward_pooling, lm.config.reward_scale  # a plain causal LM, as vanilla KD saves the student
+    lm.save_pretrained(tmp_path / "backbone")
+    fresh = load_reward_model(ModelConfig(name_or_path=str(tmp_path / "backbone")), tokenizer,
+                              RewardPooling.likelihood, likelihood_scale=30.0)
+    assert fresh.config.reward_scale == 30.0
+    lm.config.reward_pooling = "likelihood"  # fitted before the scale existed
+    lm.save_pretrained(tmp_path / "older")
+    older = load_reward_model(ModelConfig(name_or_path=str(tmp_path / "older")), tokenizer,
+                              RewardPooling.likelihood, likelihood_scale=30.0)
+    assert older.config.reward_scale == 1.0
+
+
+def test_the_likelihood_scale_is_read_from_the_config_and_must_be_positive():
+    assert to_typed(compose(["stage=train_rm", "train_rm.likelihood_scale=30"])).train_rm.likelihood_scale == 30.0
+    with pytest.raises(Exception, match="train_rm.likelihood_scale"):
+        to_typed(compose(["stage=train_rm", "train_rm.likelihood_scale=0"]))

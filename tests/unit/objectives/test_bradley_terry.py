@@ -89,3 +89,26 @@ def test_within_group_accuracy_counts_right_over_wrong_pairs_inside_each_group()
     assert within_group_accuracy(rewards, torch.ones(8, dtype=torch.bool), 4) is None
     # Pairs across groups never count: group 1 all right, group 2 all wrong.
     assert within_group_accuracy(rewards, torch.tensor([True] * 4 + [False] * 4), 4) is None
+
+
+def test_a_reward_scale_puts_the_fits_gradient_on_the_pairs_it_ranks_wrong():
+    # The demo's likelihood RM at its start: 98.7% of its pairs ranked right, by mean log-probability
+    # margins of a few hundredths. At scale 1 every pair sits near log 2 and gets almost the same push,
+    # so nearly all of the fit's gradient goes to widening pairs already ranked right; at 30 the pairs
+    # ranked wrong get most of it.
+    margins = torch.cat([torch.full((987,), 0.03), torch.full((13,), -0.03)]).double()
+
+    def share_on_wrong(scale: float) -> float:
+        scaled = (scale * margins).requires_grad_()
+        bradley_terry_loss(scaled, torch.zeros_like(scaled)).backward()
+        push = scaled.grad.abs()
+        return (push[987:].sum() / push.sum()).item()
+
+    def by_hand(scale: float) -> float:  # |dL/dm| of a pair is sigmoid(-m) / N
+        wrong, right = 13 * sigmoid(scale * 0.03), 987 * sigmoid(-scale * 0.03)
+        return wrong / (wrong + right)
+
+    for scale in (1.0, 30.0):
+        assert share_on_wrong(scale) == pytest.approx(by_hand(scale), rel=1e-6)
+    assert share_on_wrong(1.0) == pytest.approx(0.0134, abs=1e-4)  # ~ the 1.3% of pairs ranked wrong
+    assert share_on_wrong(30.0) > 2.3 * share_on_wrong(1.0)
