@@ -60,15 +60,17 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     pad = tokenizer.pad_token_id
     trainer, batch_size = cfg.trainer, cfg.generation.batch_size
     heldout_ids = encode_pairs(heldout, cfg.data, tokenizer) if heldout else None
-    # Where the fit starts: an LM head (pooling=likelihood) or a Q-function's teacher logits already rank
-    # pairs, and a fit that ends below its start has made the RM worse.
-    mode = rm.training
-    start = {"train_accuracy_at_start": bt_figures(rm.eval(), prompts, chosen, rejected, pad, batch_size, reward)}
-    if heldout_ids:
-        start["heldout_accuracy_at_start"] = bt_figures(rm, *heldout_ids, pad, batch_size, reward)
-    start = {key: round(figures["accuracy"], 6) for key, figures in start.items()}
-    rm.train(mode)
     engine = build_engine(with_lora(rm, cfg.model.rm.lora, "model.rm"), trainer, cfg.deepspeed)
+    # Where the fit starts (on the engine's device, before a resumed checkpoint is loaded): an LM head
+    # (pooling=likelihood) or a Q-function's teacher logits already rank pairs, and a fit that ends below
+    # its start has made the RM worse.
+    mode = engine.module.training
+    engine.module.eval()
+    start = {"train_accuracy_at_start": bt_figures(engine.module, prompts, chosen, rejected, pad, batch_size, reward)}
+    if heldout_ids:
+        start["heldout_accuracy_at_start"] = bt_figures(engine.module, *heldout_ids, pad, batch_size, reward)
+    start = {key: round(figures["accuracy"], 6) for key, figures in start.items()}
+    engine.module.train(mode)
     batches = Minibatches(len(train), min(trainer.micro_batch_size, len(train)), cfg.seed)
     checkpoints, _, steps = run.resumable_steps("train-rm", trainer.max_steps, batches, rm=engine)
     for step in steps:

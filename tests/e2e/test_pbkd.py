@@ -88,6 +88,16 @@ def test_train_rm_with_likelihood_pooling_saves_a_causal_lm_that_ranks_the_pairs
     assert rm.config.reward_pooling == "likelihood" and rm.config.reward_scale == 30.0
 
 
+def test_train_rm_at_lr_0_ends_where_it_started(workdir, trained_teacher, prefs):
+    run_dir = workdir / "rm_lr0"
+    ok(pbkd("train-rm", *TINY, f"train_rm.prefs_path={prefs / 'prefs.jsonl'}", "train_rm.pooling=likelihood",
+            f"model.rm.name_or_path={trained_teacher}", "trainer.lr=0", "trainer.max_steps=2",
+            f"hydra.run.dir={run_dir}", cwd=workdir))
+    result = summary(run_dir)
+    assert result["train_accuracy"] == result["train_accuracy_at_start"] > 0.5
+    assert result["heldout_accuracy"] == result["heldout_accuracy_at_start"]
+
+
 def test_dpo_moves_the_policy_towards_the_chosen_answers(workdir, prefs):
     run_dir = workdir / "dpo"
     ok(pbkd("dpo", *TINY, f"dpo.prefs_path={prefs / 'prefs.jsonl'}", "dpo.beta=0.5", "trainer.max_steps=12",
