@@ -78,10 +78,10 @@ def test_train_rm_with_likelihood_pooling_saves_a_causal_lm_that_ranks_the_pairs
             f"hydra.run.dir={run_dir}", cwd=workdir))
     result = summary(run_dir)
     # The pairs prefer the teacher's answers and the RM's LM head starts as the teacher's: it ranks them
-    # better than chance from the start, and the Bradley-Terry fit keeps it there: read at 30 times the
-    # mean log-probability, the fit does not end below where it started.
+    # better than chance from the start, and the Bradley-Terry fit, read at 30 times the mean
+    # log-probability, ranks more of them right than it started with (at lr 0 the two are equal: below).
     assert result["mle_loss"] < 0.693 and result["train_accuracy"] > 0.5
-    assert result["train_accuracy"] >= result["train_accuracy_at_start"] > 0.5
+    assert result["train_accuracy"] > result["train_accuracy_at_start"] > 0.5
     from transformers import AutoModelForCausalLM
 
     rm = AutoModelForCausalLM.from_pretrained(run_dir / "model")
