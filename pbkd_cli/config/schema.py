@@ -547,6 +547,10 @@ class PipelineConfig:
     # every other layer of the teacher's checkpoint, DistilBERT's initialisation), saved as step
     # `student_init` and used as the base student; empty: `model.student` as configured.
     student_layers: List[int] = field(default_factory=list)
+    # Sample the vanilla-KD student this many times a test problem at the games' temperature and report
+    # its pass@k and headroom@k (greedy wrong, a sample right): how much the reward-guided rows could
+    # add by training it towards its own right answers. 0: greedy only.
+    headroom_samples: int = 0
 
 
 class Variant(str, Enum):
@@ -606,7 +610,8 @@ RANGES: Dict[str, tuple] = {
         "data.train_limit", "data.test_limit", "sft.teacher_temperature",
         "sft.kd.ce_weight", "eval.temperature", "collect_prefs.temperature", "collect_prefs.prompt_offset",
         "minmax.prompt_offset", "minmax.teacher_temperature", "minmax.beta", "minmax.reward_l2", "minmax.rm_lr",
-        "minmax.negative_weight", "minmax.kl_coef", "minmax.eval_every", "dpo.sft_weight")},
+        "minmax.negative_weight", "minmax.kl_coef", "minmax.eval_every", "dpo.sft_weight",
+        "pipeline.headroom_samples")},
     **{key: (0, None, False, False) for key in (
         "sft.kd.temperature", "sft.kd.on_policy_temperature", "minmax.temperature", "minmax.clip_eps",
         "dpo.beta", "train_rm.likelihood_scale")},

@@ -68,6 +68,19 @@ def method_table(group: Group) -> dict[str, MethodRow]:
     return rows
 
 
+def headroom_stats(group: Group) -> dict[tuple[str, str], Stats]:
+    """Per (method, `headroom@k`) that a pipeline's evaluation sampled (`eval.num_samples` > 1), its values
+    over the group's seeds."""
+    found: dict[tuple[str, str], Stats] = {}
+    for run in group.runs:
+        methods = run.summary.get("methods")
+        for name, figures in (methods.items() if isinstance(methods, dict) else ()):
+            for key, value in (figures.items() if isinstance(figures, dict) else ()):
+                if key.startswith("headroom@") and (value := _number(value)) is not None:
+                    found.setdefault((name, key), Stats([])).values.append((run.seed, value))
+    return found
+
+
 def summary_stats(runs: list[RunRecord], key: str) -> Stats | None:
     """`summary[key]` over runs (those that have it as a number), or None."""
     values = [(r.seed, v) for r in runs if (v := _number(r.summary.get(key))) is not None]
@@ -290,6 +303,9 @@ def pipeline_section(groups: list[Group], common: tuple[str, ...]) -> list[str]:
         lines.append("")
         if rm is not None:
             lines += [f"RM held-out pairwise accuracy: {fmt_stats(rm)} ({fmt_per_seed(rm)}).", ""]
+        for (method, key), stats in headroom_stats(group).items():
+            lines += [f"{_cell(method)} {key} (greedy wrong, a right sample among {key[9:]}): {fmt_stats(stats)} "
+                      f"({fmt_per_seed(stats)}).", ""]
         lines += ["Runs: " + ", ".join(f"`{r.dir}`" for r in group.runs), ""]
         for seed, runs in repeated_seeds(group).items():
             lines += [f"Note: seed {seed} is in {len(runs)} runs of this group, each counted: "

@@ -2,7 +2,8 @@
 
 Benchmarks (`eval.benchmarks`, from `conf/benchmarks/`):
   - the run's task and GSM8K-format problems: exact match of the final number of a greedy answer
-    (with `eval.num_samples` > 1 also sampled accuracy and majority vote);
+    (with `eval.num_samples` > 1 also sampled accuracy, majority vote, pass@k and the headroom for
+    reward-guided training: problems greedy gets wrong and a sample gets right);
   - multiple choice (ARC / MMLU style): the choice the model gives the highest log-likelihood;
   - instruction following (Dolly / Self-Instruct / Vicuna style): ROUGE-L of a greedy answer.
 Each rank scores its share of the items; rank 0 writes predictions, in the single-process order.
@@ -26,7 +27,7 @@ from pbkd_cli.generation.sampler import load_sampling_model
 from pbkd_cli.io import PbkdError, atomic_write_text, path_component, write_jsonl
 from pbkd_cli.models.roles import load_lm
 from pbkd_cli.objectives.policy_gradient import sequence_logprobs
-from pbkd_cli.objectives.scoring import multiple_choice_figures, rouge_l
+from pbkd_cli.objectives.scoring import multiple_choice_figures, rouge_l, sampled_figures
 from pbkd_cli.runner import Run
 
 # The figures of each kind that go into the comparison table.
@@ -88,8 +89,8 @@ class Scorer:
                 answers = [extract_answer(t) for t in texts]
                 row.update(samples=texts, sampled_correct=sum(a == row["answer"] for a in answers),
                            majority_correct=majority(answers) == row["answer"])
-            figures["sampled_accuracy"] = sum(r["sampled_correct"] for r in rows) / (k * len(rows))
-            figures[f"maj@{k}"] = sum(r["majority_correct"] for r in rows) / len(rows)
+            figures.update(sampled_figures([r["correct"] for r in rows], [r["sampled_correct"] for r in rows],
+                                           [r["majority_correct"] for r in rows], k))
         return figures, rows
 
     def prompt_ids(self, texts: list[str]) -> list[list[int]]:

@@ -135,6 +135,8 @@ def test_eval_scores_a_trained_model(workdir, trained_teacher):
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and all(len(r["samples"]) == 2 for r in rows)
     assert result["accuracy"] == sum(r["correct"] for r in rows) / 16
+    assert result["pass@2"] == sum(r["sampled_correct"] > 0 for r in rows) / 16
+    assert result["headroom@2"] == sum(r["sampled_correct"] > 0 and not r["correct"] for r in rows) / 16
 
 
 def test_vanilla_kd_trains_the_student_on_teacher_samples(workdir, trained_teacher):
@@ -180,7 +182,7 @@ def test_multirun_gives_one_directory_per_job(workdir):
 def test_pipeline_prints_and_saves_the_table(workdir):
     run_dir = workdir / "pipeline"
     args = ["pipeline", *TINY, *PREFS, *MINMAX, "online.iterations=1", "online.prompts_per_iteration=8",
-            f"hydra.run.dir={run_dir}"]
+            "pipeline.headroom_samples=3", f"hydra.run.dir={run_dir}"]
     result = ok(pbkd(*args, cwd=workdir))
     methods = summary(run_dir)["methods"]
     # Every game here trains on 2 iterations x 4 prompts x 2 samples x 2 epochs = 32 sequences (online: 1 round
@@ -188,6 +190,11 @@ def test_pipeline_prints_and_saves_the_table(workdir):
     assert list(methods) == ["teacher", "base student", "vanilla KD", "vanilla KD + 32 seqs", "RL (verifiable reward)",
                              "GAD", "PbKD offline", "PbKD online"]
     assert all(0.0 <= m["accuracy"] <= 1.0 for m in methods.values())
+    # Only vanilla KD is sampled: its headroom is read off its own predictions.
+    rows = [json.loads(line) for line in (run_dir / "eval" / "vanilla_KD" / "predictions.jsonl").read_text().splitlines()]
+    assert methods["vanilla KD"]["headroom@3"] == sum(r["sampled_correct"] > 0 and not r["correct"] for r in rows) / 16
+    assert [name for name, m in methods.items() if "headroom@3" in m] == ["vanilla KD"]
+    assert "headroom@3" in result.stdout
     assert methods["vanilla KD + 32 seqs"]["extra_sequences"] == methods["PbKD offline"]["extra_sequences"] == 32
     matched = summary(run_dir / "vanilla_kd_plus_32")
     assert matched["train_sequences"] == 32 and matched["steps"] == 32 // 4

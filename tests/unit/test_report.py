@@ -36,13 +36,15 @@ def write_run(run_dir: Path, stage: str, seed: int, overrides: list[str], summar
 
 
 def write_pipeline(run_dir: Path, seed: int, accuracy: dict[str, float], extra: list[str] = (),
-                   rm_heldout: float = 0.6) -> Path:
+                   rm_heldout: float = 0.6, headroom: float | None = None) -> Path:
     """A pipeline run with the steps the report reads: SFT, RM fit, offline and online PbKD, evals."""
     parent = ["stage=pipeline", "+exp=demo", "logger.mode=disabled", *extra, f"seed={seed}",
               f"hydra.run.dir={run_dir}"]
     step_overrides = [o for o in parent if o != "stage=pipeline"]
     methods = {name: {"accuracy": acc, "n": 200, "run_dir": str(run_dir / "eval" / name.replace(" ", "_"))}
                for name, acc in accuracy.items()}
+    if headroom is not None:
+        methods["vanilla KD"].update({"pass@16": 0.9, "headroom@16": headroom})
     write_run(run_dir, "pipeline", seed, parent,
               {"variant": "black_box", "methods": methods, "rm_heldout_accuracy": rm_heldout})
     write_run(run_dir / "vanilla_kd", "sft", seed, ["stage=sft", *step_overrides],
@@ -84,7 +86,8 @@ def seeds_multirun(tmp_path) -> Path:
     """A Hydra multirun of three pipeline seeds: jobs 0/, 1/, 2/ and multirun.yaml."""
     root = tmp_path / "seeds"
     for job, (seed, accuracy) in enumerate(SEEDS.items()):
-        write_pipeline(root / str(job), seed, accuracy, rm_heldout=[0.6, 0.7, 0.8][seed])
+        write_pipeline(root / str(job), seed, accuracy, rm_heldout=[0.6, 0.7, 0.8][seed],
+                       headroom=[0.02, 0.03, 0.04][seed])
     (root / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
     return root
 
@@ -155,6 +158,9 @@ def test_report_table_values(seeds_multirun, tmp_path):
     assert "ddof=0" in text and "statistics.pstdev" in text
     # RM held-out accuracy 0.6, 0.7, 0.8: mean 0.7, pstdev sqrt(0.02/3) = 0.0816.
     assert "RM held-out pairwise accuracy: 0.700 ± 0.082 (0: 0.600, 1: 0.700, 2: 0.800)." in text
+    # Vanilla KD's headroom@16 0.02, 0.03, 0.04: mean 0.03, pstdev sqrt(0.0002/3) = 0.0082.
+    assert ("vanilla KD headroom@16 (greedy wrong, a right sample among 16): 0.030 ± 0.008 "
+            "(0: 0.020, 1: 0.030, 2: 0.040).") in text
     assert "## Evaluations" not in text      # the pipelines' eval steps are in the method table, not here
 
 
