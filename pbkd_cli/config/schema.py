@@ -549,7 +549,7 @@ class PipelineConfig:
     student_layers: List[int] = field(default_factory=list)
     # Sample the vanilla-KD student this many times a test problem at the games' temperature and report
     # its pass@k and headroom@k (greedy wrong, a sample right): how much the reward-guided rows could
-    # add by training it towards its own right answers. 0: greedy only.
+    # add by training it towards its own right answers. 0 (or 1): greedy only.
     headroom_samples: int = 0
 
 

@@ -304,8 +304,8 @@ def pipeline_section(groups: list[Group], common: tuple[str, ...]) -> list[str]:
         if rm is not None:
             lines += [f"RM held-out pairwise accuracy: {fmt_stats(rm)} ({fmt_per_seed(rm)}).", ""]
         for (method, key), stats in headroom_stats(group).items():
-            lines += [f"{_cell(method)} {key} (greedy wrong, a right sample among {key[9:]}): {fmt_stats(stats)} "
-                      f"({fmt_per_seed(stats)}).", ""]
+            lines += [f"{_cell(method)} {key} (greedy wrong, a right sample among {key.partition('@')[2]}): "
+                      f"{fmt_stats(stats)} ({fmt_per_seed(stats)}).", ""]
         lines += ["Runs: " + ", ".join(f"`{r.dir}`" for r in group.runs), ""]
         for seed, runs in repeated_seeds(group).items():
             lines += [f"Note: seed {seed} is in {len(runs)} runs of this group, each counted: "

@@ -33,8 +33,8 @@ def comparison_table(methods: dict[str, dict]) -> str:
     lines = ["| method | accuracy | n | extra training (sequences) |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {name} | {m['accuracy']:.3f} | {m['n']} | {m.get('extra_sequences') or ''} |"
               for name, m in methods.items()]
-    notes = [f"{name}: {m[key]:.3f} of the problems have a wrong greedy answer and a right one among {key[9:]} "
-             f"samples ({key}), the most that training it towards its own right samples can add"
+    notes = [f"{name}: {m[key]:.3f} of the problems have a wrong greedy answer and a right one among "
+             f"{key.partition('@')[2]} samples ({key}), the most that training it towards its own right samples can add"
              for name, m in methods.items() for key in m if key.startswith("headroom@")]
     return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)
 

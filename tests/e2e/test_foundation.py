@@ -191,7 +191,8 @@ def test_pipeline_prints_and_saves_the_table(workdir):
                              "GAD", "PbKD offline", "PbKD online"]
     assert all(0.0 <= m["accuracy"] <= 1.0 for m in methods.values())
     # Only vanilla KD is sampled: its headroom is read off its own predictions.
-    rows = [json.loads(line) for line in (run_dir / "eval" / "vanilla_KD" / "predictions.jsonl").read_text().splitlines()]
+    predictions = (run_dir / "eval" / "vanilla_KD" / "predictions.jsonl").read_text()
+    rows = [json.loads(line) for line in predictions.splitlines()]
     assert methods["vanilla KD"]["headroom@3"] == sum(r["sampled_correct"] > 0 and not r["correct"] for r in rows) / 16
     assert [name for name, m in methods.items() if "headroom@3" in m] == ["vanilla KD"]
     assert "headroom@3" in result.stdout
