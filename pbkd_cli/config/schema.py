@@ -457,6 +457,9 @@ class MinMaxConfig:
     temperature: float = 1.0
     prompt_offset: int = 0
     num_prompts: Optional[int] = None
+    # Prompt pools of the seed's schedule that earlier games already played: this game plays the next
+    # `iterations`. Online PbKD sets it, so that round t visits new prompts rather than round 1's again.
+    schedule_offset: int = 0
     teacher_samples_per_prompt: int = 1
     # The teacher's answers the RM compares the student's with: 0 is greedy (its best answer, as vanilla
     # KD's data), which allows one sample per prompt.
@@ -609,7 +612,7 @@ RANGES: Dict[str, tuple] = {
         "trainer.lr", "trainer.weight_decay", "trainer.max_grad_norm", "trainer.checkpoint_every",
         "data.train_limit", "data.test_limit", "sft.teacher_temperature",
         "sft.kd.ce_weight", "eval.temperature", "collect_prefs.temperature", "collect_prefs.prompt_offset",
-        "minmax.prompt_offset", "minmax.teacher_temperature", "minmax.beta", "minmax.reward_l2", "minmax.rm_lr",
+        "minmax.prompt_offset", "minmax.schedule_offset", "minmax.teacher_temperature", "minmax.beta", "minmax.reward_l2", "minmax.rm_lr",
         "minmax.negative_weight", "minmax.kl_coef", "minmax.eval_every", "dpo.sft_weight",
         "pipeline.headroom_samples")},
     **{key: (0, None, False, False) for key in (

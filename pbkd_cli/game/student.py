@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from typing import Callable
 
 import torch
 
 from pbkd_cli.config.schema import PbkdConfig
 from pbkd_cli.data.answers import read_answers
+from pbkd_cli.data.minibatches import Minibatches
 from pbkd_cli.data.prompts import TokenBatch, collate
 from pbkd_cli.data.tasks import load_examples
 from pbkd_cli.engine import build_engine
@@ -32,6 +34,13 @@ def game_prompts(cfg: PbkdConfig):
         raise PbkdError(f"minmax.prompts_per_iteration={c.prompts_per_iteration}: x minmax.oversample={c.oversample} "
                         f"prompts per iteration, only {len(examples)} prompts")
     return examples
+
+
+def prompt_schedule(num_prompts: int, pool_size: int, seed: int, iterations: int, offset: int = 0) -> list[list[int]]:
+    """The prompt pools of a game's iterations: pools offset .. offset + iterations - 1 of the seed's one
+    shuffled schedule, so that games played one after another (online rounds) visit the prompts one
+    long game would, not the first pools again."""
+    return list(itertools.islice(Minibatches(num_prompts, pool_size, seed), offset, offset + iterations))
 
 
 def teacher_answers(cfg: PbkdConfig, examples, visited: list[int]) -> dict[int, list[str]]:

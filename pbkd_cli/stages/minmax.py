@@ -21,18 +21,16 @@ The adversary starts at its MLE fit (`train-rm`); student and adversary have sep
 
 from __future__ import annotations
 
-import itertools
 import time
 
 from pbkd_cli.config.schema import Baseline, GameReward, PbkdConfig, Variant
-from pbkd_cli.data.minibatches import Minibatches
 from pbkd_cli.data.prompts import encode_prompts, encode_responses, fit_to_context
 from pbkd_cli.engine import save_model
 from pbkd_cli.game.adversaries import load_adversary
 from pbkd_cli.game.figures import (HeldoutAccuracy, answer_accuracy, log_iteration, mean_metrics, positive_on_wrong,
                                    sample_figures, settled)
-from pbkd_cli.game.student import (game_prompts, policy_engines, policy_step, rollout_batch, sample_responses,
-                                   teacher_answers, widest_prompts)
+from pbkd_cli.game.student import (game_prompts, policy_engines, policy_step, prompt_schedule, rollout_batch,
+                                   sample_responses, teacher_answers, widest_prompts)
 from pbkd_cli.models.logits import token_logprobs
 from pbkd_cli.models.lora import with_lora
 from pbkd_cli.models.roles import load_lm
@@ -48,8 +46,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     examples, overlong = fit_to_context(examples, examples, cfg.data, tokenizer, "minmax")
     student_prompts = encode_prompts(examples, cfg.data, tokenizer)
     # The prompt pools of the whole game, drawn up front (the teacher answers those alone).
-    schedule = list(itertools.islice(Minibatches(len(examples), c.prompts_per_iteration * c.oversample, cfg.seed),
-                                     c.iterations))
+    schedule = prompt_schedule(len(examples), c.prompts_per_iteration * c.oversample, cfg.seed, c.iterations,
+                               c.schedule_offset)
     answers = None  # the teacher's, for the RM's gap term and the groups they join
     if c.teacher_in_group or (c.reward == GameReward.rm and cfg.variant == Variant.black_box):
         answers = teacher_answers(cfg, examples, sorted({i for pool in schedule for i in pool}))

@@ -35,6 +35,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     as_student, as_rm = [], []
     prefs = o.initial_prefs_path
     history, sequences = [], 0
+    # Each round's game plays the next pools of the one prompt schedule: fresh prompts, as Algorithm 2 samples.
+    pools_played = cfg.minmax.schedule_offset
     # The white-box refit is of a Q-function: its own step name, so experiments can tune it apart.
     fit = "train_q" if cfg.variant == Variant.white_box else "train_rm"
     for t in range(1, o.iterations + 1):
@@ -52,7 +54,9 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         ], overrides_key=f"online/{fit}")
         played = step(f"{it}/minmax", "minmax", [
             *as_student, *local_model("rm", fitted["model_dir"]), f"minmax.prefs_path={prefs}",
+            f"minmax.schedule_offset={pools_played}",
         ], overrides_key="online/minmax")
+        pools_played += played["iterations"]
         student, rm = played["model_dir"], played["rm_dir"]
         as_student, as_rm = local_model("student", student), local_model("rm", rm)
         sequences += played["student_train_sequences"]

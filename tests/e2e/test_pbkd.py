@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+from omegaconf import OmegaConf
+
 from pbkd_cli.data.preferences import load_preferences
 
 from .conftest import MINMAX, PREFS, TINY, ok, pbkd, summary
@@ -160,6 +162,9 @@ def test_online_runs_iterations_with_their_own_directories(workdir, trained_teac
     for t in (1, 2):
         for step in ("collect_prefs", "train_rm", "minmax"):
             assert (run_dir / f"iter{t}" / step / "summary.json").exists()
+    # Round 2's game plays the pools after round 1's (fresh prompts), not round 1's again.
+    played = [OmegaConf.load(run_dir / f"iter{t}" / "minmax" / "config.yaml").minmax for t in (1, 2)]
+    assert [p.schedule_offset for p in played] == [0, played[0].iterations]
     # D^2 = D^1 + the second round's pairs.
     assert len(load_preferences(run_dir / "iter2" / "prefs.jsonl")) == 2 * len(load_preferences(run_dir / "iter1" / "prefs.jsonl"))
     # Resumable at iteration granularity: drop the last step and rerun.

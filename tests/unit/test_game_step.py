@@ -153,6 +153,18 @@ def test_bad_game_settings_are_one_line_before_any_model_loads(minmax, key):
     assert problem.startswith(key) and "\n" not in problem
 
 
+def test_games_played_one_after_another_visit_the_prompts_of_one_long_game():
+    from pbkd_cli.game.student import prompt_schedule
+    # 40 prompts, pools of 8: an epoch is 5 pools. Two rounds of 3 iterations each = one game of 6.
+    whole = prompt_schedule(40, 8, seed=3, iterations=6)
+    rounds = prompt_schedule(40, 8, seed=3, iterations=3) + prompt_schedule(40, 8, seed=3, iterations=3, offset=3)
+    assert rounds == whole
+    # Within an epoch no prompt comes back: the second round's first pools are new prompts.
+    first, second = prompt_schedule(40, 8, 3, 2), prompt_schedule(40, 8, 3, 2, offset=2)
+    assert not {i for pool in first for i in pool} & {i for pool in second for i in pool}
+    assert sorted(i for pool in whole[:5] for i in pool) == list(range(40))
+
+
 def test_widest_prompts_keep_each_sample_with_its_own_reward():
     from pbkd_cli.generation.hf import Samples
     from pbkd_cli.game.student import widest_prompts
