@@ -612,9 +612,9 @@ RANGES: Dict[str, tuple] = {
         "trainer.lr", "trainer.weight_decay", "trainer.max_grad_norm", "trainer.checkpoint_every",
         "data.train_limit", "data.test_limit", "sft.teacher_temperature",
         "sft.kd.ce_weight", "eval.temperature", "collect_prefs.temperature", "collect_prefs.prompt_offset",
-        "minmax.prompt_offset", "minmax.schedule_offset", "minmax.teacher_temperature", "minmax.beta", "minmax.reward_l2", "minmax.rm_lr",
-        "minmax.negative_weight", "minmax.kl_coef", "minmax.eval_every", "dpo.sft_weight",
-        "pipeline.headroom_samples")},
+        "minmax.prompt_offset", "minmax.schedule_offset", "minmax.teacher_temperature", "minmax.beta",
+        "minmax.reward_l2", "minmax.rm_lr", "minmax.negative_weight", "minmax.kl_coef", "minmax.eval_every",
+        "dpo.sft_weight", "pipeline.headroom_samples")},
     **{key: (0, None, False, False) for key in (
         "sft.kd.temperature", "sft.kd.on_policy_temperature", "minmax.temperature", "minmax.clip_eps",
         "dpo.beta", "train_rm.likelihood_scale")},
