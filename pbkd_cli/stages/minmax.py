@@ -62,6 +62,11 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     if resumed:
         adversary.load_state_dict(resumed["adversary"])
     history: list[dict] = resumed.get("history", [])
+    # The held-out curve's origin, before the first step: what the game's fall and climb read against.
+    heldout_at_start = resumed.get("heldout_at_start")
+    if not resumed and heldout.examples:
+        heldout_at_start = heldout(policy_engine.module)
+        run.tracker.log({"heldout_accuracy": heldout_at_start}, 0, prefix="minmax/")
 
     started = time.time()
     for iteration in iterations:
@@ -121,6 +126,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         history.append(figures)
         log_iteration(run, cfg, iteration, figures, seconds, pool_samples, started)
         checkpoints.step_done(iteration, lambda: {"step": iteration, "history": history,
+                                                  "heldout_at_start": heldout_at_start,
                                                   "adversary": adversary.state_dict()})
 
     save_model(policy_engine, tokenizer, run.dir / "model")
@@ -128,6 +134,8 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
                "overlong_prompts": overlong, "student_updates": policy_engine.global_steps,
                "student_train_sequences": c.student_train_sequences(), "student_samples": c.student_samples(),
                "model_dir": str(run.dir / "model"), "final": settled(history)}
+    if heldout_at_start is not None:
+        summary["heldout_accuracy_at_start"] = heldout_at_start
     if adversary.engine is not None:
         adversary.save(run.dir / "rm")
         summary["rm_dir"] = str(run.dir / "rm")

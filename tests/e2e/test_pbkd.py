@@ -128,10 +128,13 @@ def test_minmax_plays_the_game_and_logs_its_figures(workdir, trained_teacher, pr
             "minmax.distrusted_fraction=0.5", f"hydra.run.dir={run_dir}",
             cwd=workdir))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2]
-    # Held-out greedy accuracy on the first 8 test problems, measured at iteration 2 only.
-    assert "minmax/heldout_accuracy" not in metrics[0] and 0.0 <= metrics[1]["minmax/heldout_accuracy"] <= 1.0
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    # Held-out greedy accuracy on the first 8 test problems, before the first step and at iteration 2.
+    start, first, metrics = metrics[0], metrics[1], metrics[1:]
+    assert set(start) == {"step", "minmax/heldout_accuracy"} and "minmax/heldout_accuracy" not in first
+    assert 0.0 <= metrics[1]["minmax/heldout_accuracy"] <= 1.0
     result = summary(run_dir)
+    assert result["heldout_accuracy_at_start"] == start["minmax/heldout_accuracy"]
     assert result["final"]["heldout_accuracy"] == metrics[1]["minmax/heldout_accuracy"]
     # 2 iterations x 4 prompts x (2 samples + the teacher's answer), 2 PPO epochs of one optimiser step
     # each; 8 prompts sampled per iteration (oversample 2), the 4 the RM tells apart most trained on.
