@@ -130,8 +130,8 @@ def test_minmax_plays_the_game_and_logs_its_figures(workdir, trained_teacher, pr
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2]
     # Held-out greedy accuracy on the first 8 test problems, before the first step and at iteration 2.
-    start, first, metrics = metrics[0], metrics[1], metrics[1:]
-    assert set(start) == {"step", "minmax/heldout_accuracy"} and "minmax/heldout_accuracy" not in first
+    start, metrics = metrics[0], metrics[1:]
+    assert set(start) == {"step", "minmax/heldout_accuracy"} and "minmax/heldout_accuracy" not in metrics[0]
     assert 0.0 <= metrics[1]["minmax/heldout_accuracy"] <= 1.0
     result = summary(run_dir)
     assert result["heldout_accuracy_at_start"] == start["minmax/heldout_accuracy"]

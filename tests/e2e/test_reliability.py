@@ -85,8 +85,9 @@ def test_sigterm_saves_a_checkpoint_stops_and_resumes(workdir, uninterrupted_sft
 
 def test_minmax_killed_and_resumed_ends_with_the_uninterrupted_figures(workdir, trained_teacher, prefs,
                                                                          reward_model):
-    game = [*TINY, *MINMAX, "minmax.iterations=8", "trainer.checkpoint_every=2",
-            f"model.teacher.name_or_path={trained_teacher}", f"model.rm.name_or_path={reward_model / 'model'}",
+    # eval_every: the held-out accuracy measured before the first step must survive the resume.
+    game = [*TINY, *MINMAX, "minmax.iterations=8", "trainer.checkpoint_every=2", "minmax.eval_every=4",
+            "minmax.eval_prompts=4", f"model.teacher.name_or_path={trained_teacher}", f"model.rm.name_or_path={reward_model / 'model'}",
             f"minmax.prefs_path={prefs / 'prefs.jsonl'}"]
     clean = workdir / "minmax_uninterrupted"
     ok(pbkd("minmax", *game, f"hydra.run.dir={clean}", cwd=workdir))
@@ -96,6 +97,7 @@ def test_minmax_killed_and_resumed_ends_with_the_uninterrupted_figures(workdir, 
     ok(pbkd(*args, cwd=workdir))
     assert figures(run_dir) == figures(clean)
     assert figures(run_dir)["final"]  # the settled game figures, compared above
+    assert "heldout_accuracy_at_start" in figures(run_dir)
 
 
 def test_dpo_killed_and_resumed_ends_with_the_uninterrupted_figures(workdir, prefs):
