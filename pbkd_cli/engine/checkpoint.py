@@ -106,6 +106,54 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()} or {prefix: {}}
 
 
+def write_verified(directory: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` on every rank into a temporary sibling of `directory`, add the manifest of what
+    it wrote, and rename it to `directory` once every rank is done: a process killed on the way leaves
+    no directory that a reader would take for complete, and a failed write (a full disk) no debris."""
+    directory = Path(directory)
+    tmp = directory.parent / f".{directory.name}.tmp"
+    is_main = distributed_context().is_main
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    try:
+        write(tmp)
+        barrier()
+        if is_main:
+            atomic_write_json(tmp / _MANIFEST, {"sha256": file_digests(tmp)})
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if is_main:
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    barrier()
+    return directory
+
+
+def save_engine_state(engine, directory: Path, tag: str) -> Path:
+    """`engine`'s weights, optimiser state and lr-schedule position (DeepSpeed's checkpoint, collective)
+    in `directory`, for a later run to go on from (`load_engine_state`): the next round of a game that
+    one lr schedule and one optimiser span."""
+    return write_verified(directory, lambda tmp: engine.save_checkpoint(str(tmp), tag=tag, save_latest=False))
+
+
+def load_engine_state(engine, directory: Path, tag: str, key: str) -> None:
+    """Load what `save_engine_state` saved into `engine` (same model, same ranks): its weights, its
+    optimiser's moments and its lr scheduler's step. `key` names the setting that pointed here."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PbkdError(f"{key}: no saved engine state in {directory}")
+    verify_manifest(directory)
+    loaded, _ = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if loaded is None:
+        raise PbkdError(f"{key}: {directory} holds no '{tag}' engine state")
+
+
 class Checkpoints:
     """Save every `every` steps (0: only when pre-empted), keep the newest `keep`, resume from the newest.
 
@@ -203,12 +251,8 @@ class Checkpoints:
 
     def save(self, step: int, loop_state: dict[str, Any]) -> Path:
         name = f"step-{step:06d}"
-        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        try:
+
+        def write(tmp: Path) -> None:
             for engine_name, engine in self.engines.items():
                 # Collective: every rank writes its own shard of the weights and optimiser state.
                 engine.save_checkpoint(str(tmp), tag=engine_name, save_latest=False)
@@ -216,16 +260,9 @@ class Checkpoints:
             barrier()
             if self.is_main:
                 atomic_write_json(tmp / "state.json", {"step": step, "loop": loop_state, "config": self.config})
-                atomic_write_json(tmp / _MANIFEST, {"sha256": file_digests(tmp)})
-        except BaseException:
-            # A failed save (a full disk) leaves the previous checkpoint as the newest, and no debris.
-            if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        final = write_verified(self.dir / name, write)
         if self.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
             atomic_write_json(self.dir / _LATEST, {"step": step, "dir": name})
             self._prune(keep=name)
         barrier()

@@ -62,15 +62,16 @@ def policy_engines(cfg: PbkdConfig, policy):
     refers to (None without a KL penalty).
 
     The engine's batch is `minmax.rollouts_per_update` rollouts (the schema refuses a `trainer.grad_accum`
-    or `trainer.global_batch_size` of its own for the game) and its schedule spans the game's updates,
-    `iterations x ppo_epochs x updates per epoch`, in place of `trainer.max_steps`."""
+    or `trainer.global_batch_size` of its own for the game) and its schedule spans the updates of
+    `minmax.schedule_rounds` such games, `iterations x ppo_epochs x updates per epoch` each, in place of
+    `trainer.max_steps`."""
     c, trainer = cfg.minmax, cfg.trainer
     per_update = c.rollouts_per_update or c.rollouts()
     lora = is_lora(policy)
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if c.kl_coef > 0 and not lora else None
     engine = build_engine(policy, dataclasses.replace(
         trainer, grad_accum=per_update // trainer.micro_batch_size,
-        max_steps=c.iterations * c.ppo_epochs * c.updates_per_epoch()), cfg.deepspeed)
+        max_steps=c.schedule_rounds * c.student_updates()), cfg.deepspeed)
     if c.kl_coef > 0 and lora:  # the start is the base with the adapters off: no second copy
         return engine, AdapterDisabled(engine.module)
     if reference is not None:

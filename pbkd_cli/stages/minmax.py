@@ -16,21 +16,26 @@ no adversary at all: the control whose reward is whether the answer and every wr
      (scaled by `advantage_scale`), clipped policy gradient (PPO-style) plus the adversary's own term
      (MM PbKD: on-policy moment matching) plus a KL penalty to the initial (SFT) policy, one optimiser
      step per `rollouts_per_update` rollouts.
-The adversary starts at its MLE fit (`train-rm`); student and adversary have separate optimisers.
+The adversary starts at its MLE fit (`train-rm`); student and adversary have separate optimisers. A
+game that is one of `minmax.schedule_rounds` rounds (online PbKD) goes on with the previous round's
+student optimiser and lr schedule (`minmax.continue_from`) instead of warming up afresh.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from pbkd_cli.config.schema import Baseline, GameReward, PbkdConfig, Variant
 from pbkd_cli.data.prompts import encode_prompts, encode_responses, fit_to_context
 from pbkd_cli.engine import save_model
+from pbkd_cli.engine.checkpoint import load_engine_state, save_engine_state
 from pbkd_cli.game.adversaries import load_adversary
 from pbkd_cli.game.figures import (HeldoutAccuracy, answer_accuracy, log_iteration, mean_metrics, positive_on_wrong,
                                    sample_figures, settled)
 from pbkd_cli.game.student import (game_prompts, policy_engines, policy_step, prompt_schedule, rollout_batch,
                                    sample_responses, teacher_answers, widest_prompts)
+from pbkd_cli.io import PbkdError
 from pbkd_cli.models.logits import token_logprobs
 from pbkd_cli.models.lora import with_lora
 from pbkd_cli.models.roles import load_lm
@@ -55,6 +60,13 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     teacher_rows = {i: encode_responses(t, cfg.data, tokenizer) for i, t in answers.items()} if c.teacher_in_group else None
     k, own = c.group_size(), c.samples_per_prompt
     policy_engine, reference = policy_engines(cfg, policy)
+    if c.continue_from:  # the previous round's optimiser moments and place in the one lr schedule
+        load_engine_state(policy_engine, Path(c.continue_from) / "student_state", "policy", "minmax.continue_from")
+    first_update, schedule_updates = policy_engine.global_steps, c.schedule_rounds * c.student_updates()
+    if first_update + c.student_updates() > schedule_updates:
+        raise PbkdError(f"minmax.continue_from={c.continue_from}: the game it continues ran {first_update} of the "
+                        f"{schedule_updates} updates of minmax.schedule_rounds={c.schedule_rounds} rounds; "
+                        f"no room for this round's {c.student_updates()}")
     heldout = HeldoutAccuracy(cfg, tokenizer)
 
     engines = {"policy": policy_engine, **({adversary.name: adversary.engine} if adversary.engine else {})}
@@ -110,6 +122,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         advantages = group_advantages(rewards, k, scale=c.advantage_scale.value,
                                       leave_one_out=c.baseline == Baseline.leave_one_out)
         advantages = weigh_negative_advantages(advantages, c.negative_weight).to(policy_engine.device)
+        lr = policy_engine.get_lr()[0]  # of the iteration's first update
         pg_metrics = policy_step(cfg, policy_engine, rollout, old_logprobs, ref_logprobs, advantages, require_finite,
                                  vocab_size=adversary.vocab_size, pg_coef=adversary.pg_coef,
                                  student_term=adversary.student_term)
@@ -120,6 +133,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         if teacher_rows:
             figures["reward/teacher_minus_student"] = (by_group[:, own:].mean() - by_group[:, :own].mean()).item()
         figures.update({f"pg/{key}": v for key, v in mean_metrics(pg_metrics).items()})
+        figures["pg/lr"] = lr
         figures["pg/positive_on_wrong"] = positive_on_wrong(advantages, groups, examples, prompt_index)
         if heldout.due(iteration):
             figures["heldout_accuracy"] = heldout(policy_engine.module)
@@ -131,11 +145,13 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
 
     save_model(policy_engine, tokenizer, run.dir / "model")
     summary = {"variant": cfg.variant.value, "reward": c.reward.value, "iterations": c.iterations,
-               "overlong_prompts": overlong, "student_updates": policy_engine.global_steps,
+               "overlong_prompts": overlong, "student_updates": policy_engine.global_steps - first_update,
                "student_train_sequences": c.student_train_sequences(), "student_samples": c.student_samples(),
                "model_dir": str(run.dir / "model"), "final": settled(history)}
     if heldout_at_start is not None:
         summary["heldout_accuracy_at_start"] = heldout_at_start
+    if policy_engine.global_steps < schedule_updates:  # a later round goes on with this optimiser and schedule
+        summary["student_state_dir"] = str(save_engine_state(policy_engine, run.dir / "student_state", "policy"))
     if adversary.engine is not None:
         adversary.save(run.dir / "rm")
         summary["rm_dir"] = str(run.dir / "rm")

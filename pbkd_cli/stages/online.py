@@ -3,7 +3,8 @@
   1. sample fresh prompts x_t; teacher responses and current-student responses;
   2. label them (teacher preferred, or a judge);
   3. D_pref^t = D_pref^{t-1} + the new pairs; refit the RM by MLE on D_pref^t;
-  4. run the min-max game from the current student and the refitted RM.
+  4. run the min-max game from the current student and the refitted RM: the rounds' games are one
+     game's stretches, with one student optimiser and one lr schedule across them.
 
 Each iteration's artefacts live in `iter<t>/`, and a rerun in the same directory resumes at the
 first step that has no `summary.json`.
@@ -37,6 +38,7 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
     history, sequences = [], 0
     # Each round's game plays the next pools of the one prompt schedule: fresh prompts, as Algorithm 2 samples.
     pools_played = cfg.minmax.schedule_offset
+    continues = []  # the previous round's game, whose optimiser and lr schedule this round's goes on with
     # The white-box refit is of a Q-function: its own step name, so experiments can tune it apart.
     fit = "train_q" if cfg.variant == Variant.white_box else "train_rm"
     for t in range(1, o.iterations + 1):
@@ -54,9 +56,10 @@ def run(cfg: PbkdConfig, run: Run) -> dict:
         ], overrides_key=f"online/{fit}")
         played = step(f"{it}/minmax", "minmax", [
             *as_student, *local_model("rm", fitted["model_dir"]), f"minmax.prefs_path={prefs}",
-            f"minmax.schedule_offset={pools_played}",
+            f"minmax.schedule_offset={pools_played}", f"minmax.schedule_rounds={o.iterations}", *continues,
         ], overrides_key="online/minmax")
         pools_played += played["iterations"]
+        continues = [f"minmax.continue_from={run.dir / it / 'minmax'}"]
         student, rm = played["model_dir"], played["rm_dir"]
         as_student, as_rm = local_model("student", student), local_model("rm", rm)
         sequences += played["student_train_sequences"]

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 from omegaconf import OmegaConf
 
 from pbkd_cli.data.preferences import load_preferences
+from pbkd_cli.engine.deepspeed_engine import lr_multiplier
 
 from .conftest import MINMAX, PREFS, TINY, ok, pbkd, summary
 
@@ -168,6 +170,17 @@ def test_online_runs_iterations_with_their_own_directories(workdir, trained_teac
     # Round 2's game plays the pools after round 1's (fresh prompts), not round 1's again.
     played = [OmegaConf.load(run_dir / f"iter{t}" / "minmax" / "config.yaml").minmax for t in (1, 2)]
     assert [p.schedule_offset for p in played] == [0, played[0].iterations]
+    # ... and goes on with round 1's optimiser and lr schedule: the rounds' learning rates are those of
+    # one schedule over both (a round that warmed up afresh would start round 2 at the warm-up's first lr).
+    trainer = OmegaConf.load(run_dir / "iter1" / "minmax" / "config.yaml").trainer
+    rounds = [summary(run_dir / f"iter{t}" / "minmax") for t in (1, 2)]
+    per_iteration, total = rounds[0]["student_updates"] // 2, sum(r["student_updates"] for r in rounds)
+    lrs = [row["minmax/pg/lr"] for t in (1, 2) for row in map(json.loads, (
+        run_dir / f"iter{t}" / "minmax" / "metrics.jsonl").read_text().splitlines()) if "minmax/pg/lr" in row]
+    one_schedule = [trainer.lr * lr_multiplier(i * per_iteration, trainer.lr_schedule, int(trainer.warmup_ratio * total),
+                                               total) for i in range(4)]
+    assert lrs == pytest.approx(one_schedule) and lrs[2] < lrs[1]
+    assert "student_state_dir" in rounds[0] and "student_state_dir" not in rounds[1]
     # D^2 = D^1 + the second round's pairs.
     assert len(load_preferences(run_dir / "iter2" / "prefs.jsonl")) == 2 * len(load_preferences(run_dir / "iter1" / "prefs.jsonl"))
     # Resumable at iteration granularity: drop the last step and rerun.

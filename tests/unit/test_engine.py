@@ -67,6 +67,49 @@ def test_a_zero3_frozen_model_is_partitioned_and_gives_the_logits_of_the_whole_m
 
 # -- checkpoints ---------------------------------------------------------------------------------
 
+def test_an_engine_state_saved_for_a_later_round_goes_on_with_its_moments_and_lr_schedule(tmp_path):
+    """What online PbKD's rounds rely on: the next round's engine, built afresh from the saved model,
+    continues exactly where the last one stopped (same next update), not from a fresh AdamW and warm-up."""
+    import copy
+
+    from pbkd_cli.engine import build_engine
+    from pbkd_cli.engine.checkpoint import load_engine_state, save_engine_state
+    from tests.unit.tiny import tiny_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_lm(tokenizer)
+    untrained = copy.deepcopy(model)
+    trainer = TrainerConfig(lr=1e-2, max_steps=10, warmup_ratio=0.3, micro_batch_size=1)
+    ds = {"zero_optimization": {"stage": 0}}
+    ids = torch.tensor([tokenizer("1 + 2 = 3")["input_ids"]])
+
+    def update(engine):
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+
+    first = build_engine(model, trainer, ds)
+    for _ in range(4):
+        update(first)
+    save_engine_state(first, tmp_path / "student_state", "policy")
+    assert (tmp_path / "student_state" / "manifest.json").is_file() and not list(tmp_path.glob(".*tmp"))
+    fresh = build_engine(untrained, trainer, ds)
+    assert fresh.get_lr() != first.get_lr()  # a fresh engine is back at the start of the warm-up
+    load_engine_state(fresh, tmp_path / "student_state", "policy", "minmax.continue_from")
+    assert fresh.global_steps == 4 and fresh.get_lr() == first.get_lr()
+    moments = [first.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]]
+    assert moments[0].keys() == moments[1].keys()
+    assert all(torch.equal(moments[0][k]["exp_avg_sq"], moments[1][k]["exp_avg_sq"]) for k in moments[0])
+    update(first), update(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(first.module.parameters(), fresh.module.parameters()))
+
+    with pytest.raises(PbkdError, match="minmax.continue_from: no saved engine state"):
+        load_engine_state(fresh, tmp_path / "elsewhere", "policy", "minmax.continue_from")
+    pickle = next(p for p in (tmp_path / "student_state").rglob("*.pt"))
+    pickle.write_bytes(pickle.read_bytes() + b"x")
+    with pytest.raises(PbkdError, match="differs from the file that was saved"):
+        load_engine_state(fresh, tmp_path / "student_state", "policy", "minmax.continue_from")
+
+
 class FakeEngine:
     """What `Checkpoints` asks of a DeepSpeed engine: save and load under a tag."""
 
