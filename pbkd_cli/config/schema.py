@@ -690,6 +690,9 @@ def unplayable_game(cfg: "PbkdConfig") -> str | None:
     if c.distrusted_fraction > 0 and not (c.teacher_in_group and c.oversample > 1):
         return (f"minmax.distrusted_fraction={c.distrusted_fraction}: it orders the oversampled pool by the "
                 "teacher's answers' reward; set minmax.teacher_in_group=true and minmax.oversample > 1")
+    if c.continue_from is not None and c.schedule_rounds == 1:
+        return (f"minmax.continue_from={c.continue_from}: a game that goes on from another is a later round of "
+                "one lr schedule; set minmax.schedule_rounds to the number of rounds it spans")
     if c.teacher_temperature == 0 and c.teacher_samples_per_prompt != 1:
         return (f"minmax.teacher_samples_per_prompt={c.teacher_samples_per_prompt}: greedy teacher "
                 "answers (minmax.teacher_temperature=0) give one per prompt")

@@ -147,6 +147,7 @@ def test_a_short_game_learns_its_reward_and_not_a_shuffled_one():
     ({"oversample": 0}, "minmax.oversample=0"),
     ({"distrusted_fraction": 0.2, "oversample": 2}, "minmax.distrusted_fraction=0.2"),
     ({"teacher_samples_per_prompt": 2, "teacher_temperature": 0.0}, "minmax.teacher_samples_per_prompt=2"),
+    ({"continue_from": "outputs/iter1/minmax"}, "minmax.continue_from=outputs/iter1/minmax"),
 ])
 def test_bad_game_settings_are_one_line_before_any_model_loads(minmax, key):
     problem = game_problem(game_config(**minmax))
